@@ -1,0 +1,532 @@
+"""copylora.patch / copylora.sd_scripts and the shim in sd_scripts_patch/.
+
+Every test builds its own fake sd-scripts tree (and Kohya's GUI root) in a tmp dir, with a tiny
+stand-in networks/svd_merge_lora.py written here; nothing from kohya-ss/sd-scripts is used.
+The `kohya`-marked test at the end runs against a real checkout named by COPYLORA_SD_SCRIPTS.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from copylora import cli, patch, sd_scripts
+from copylora.errors import CopyloraError
+
+REPO = Path(__file__).resolve().parent.parent
+NETWORKS = "networks"
+
+# The stand-in "stock" script: imports like kohya's (a sibling module from networks/, a package
+# from the checkout root), records how it was run into <save_to>.original.json, and exits with
+# --exit_code (or raises with --crash) so exit-code pass-through can be checked.
+STANDIN_ORIGINAL = textwrap.dedent(
+    '''\
+    # stand-in for kohya's networks/svd_merge_lora.py (test fixture)
+    import argparse
+    import json
+    import os
+    import sys
+
+    import lora  # networks/lora.py, found because networks/ is sys.path[0]
+    from library import standin_util  # the checkout root's library/, as kohya's `pip install -e .` provides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--save_to")
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--exit_code", type=int, default=0)
+    parser.add_argument("--crash", action="store_true")
+    args, _ = parser.parse_known_args()
+    if __name__ == "__main__":
+        with open(args.save_to + ".original.json", "w") as f:
+            json.dump({"argv": sys.argv, "file": __file__, "name": __name__, "lora": lora.NAME,
+                       "util": standin_util.NAME, "sys_path0": sys.path[0]}, f)
+        if args.crash:
+            raise RuntimeError("stand-in crashed")
+        sys.exit(args.exit_code)
+    '''
+).encode()
+
+# A fake copylora whose merge.main records argv; used to check the shim's hand-off on its own.
+FAKE_COPYLORA_MERGE = textwrap.dedent(
+    '''\
+    import json
+    import sys
+
+    def main(argv):
+        save_to = argv[argv.index("--save_to") + 1]
+        with open(save_to + ".copylora.json", "w") as f:
+            json.dump({"argv": list(argv), "sys_path": sys.path}, f)
+        return int(argv[argv.index("--exit_code") + 1]) if "--exit_code" in argv else 0
+    '''
+)
+
+
+def make_checkout(root: Path) -> Path:
+    (root / NETWORKS).mkdir(parents=True)
+    (root / "library").mkdir()
+    (root / "library" / "__init__.py").write_text("")
+    (root / "library" / "standin_util.py").write_text('NAME = "library.standin_util"\n')
+    (root / NETWORKS / "lora.py").write_text('NAME = "networks.lora"\n')
+    script = root / NETWORKS / "svd_merge_lora.py"
+    script.write_bytes(STANDIN_ORIGINAL)
+    script.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    return make_checkout(tmp_path / "sd-scripts")
+
+
+@pytest.fixture
+def gui_root(tmp_path: Path) -> Path:
+    gui = tmp_path / "kohya_ss"
+    make_checkout(gui / "sd-scripts")
+    (gui / "kohya_gui.py").write_text("# stand-in GUI entry point\n")
+    return gui
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def status_line(root: Path) -> str:
+    return sd_scripts.inspect(sd_scripts.find_checkout(root)).describe()
+
+
+def run_patch(capsys, *argv: str) -> tuple[int, str, str]:
+    code = patch.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def env_with(pythonpath: list[Path] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COPYLORA_USE_ORIGINAL")}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    return env
+
+
+def hide_copylora(tmp_path: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes `import copylora` fail even where it is installed."""
+    hider = tmp_path / "hide_copylora"
+    (hider / "copylora").mkdir(parents=True)
+    (hider / "copylora" / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'copylora\'")\n')
+    return hider
+
+
+def fake_copylora(tmp_path: Path) -> Path:
+    folder = tmp_path / "fake_copylora"
+    (folder / "copylora").mkdir(parents=True)
+    (folder / "copylora" / "__init__.py").write_text("")
+    (folder / "copylora" / "merge.py").write_text(FAKE_COPYLORA_MERGE)
+    return folder
+
+
+def run_script(cwd: Path, script: str, args: list[str], pythonpath: list[Path] | None, **env) -> subprocess.CompletedProcess:
+    environ = env_with(pythonpath)
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=300
+    )
+
+
+# ---------------------------------------------------------------- install / uninstall / status
+
+
+def test_install_then_uninstall_restores_bytes_and_mode(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    before = snapshot(networks)
+    assert status_line(checkout).startswith("not installed:")
+
+    code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("installed:")
+    target = networks / "svd_merge_lora.py"
+    assert target.read_bytes() == sd_scripts.shim_path().read_bytes()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL
+    assert stat.S_IMODE((networks / sd_scripts.KEPT).stat().st_mode) == 0o755
+    record = json.loads((networks / sd_scripts.SIDECAR).read_text())
+    assert record["original_sha256"] == sd_scripts.sha256(STANDIN_ORIGINAL)
+    assert record["shim_sha256"] == sd_scripts.sha256(target.read_bytes())
+    code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("installed:")
+
+    code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("uninstalled:")
+    assert snapshot(networks) == before  # same files, same bytes, same modes; nothing left behind
+    code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
+    assert code == 0 and "nothing to do" in out
+    assert snapshot(networks) == before
+
+
+def test_install_twice_is_a_no_op(checkout: Path, capsys) -> None:
+    assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 0
+    networks = checkout / NETWORKS
+    after_first = snapshot(networks)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in networks.iterdir()}
+    code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("already installed")
+    assert snapshot(networks) == after_first
+    assert {p.name: p.stat().st_mtime_ns for p in networks.iterdir()} == mtimes  # nothing rewritten
+
+
+def test_gui_root_and_cli_subcommand(gui_root: Path, capsys) -> None:
+    assert sd_scripts.find_checkout(gui_root) == (gui_root / "sd-scripts").resolve()
+    assert cli.main(["patch", "install", "--sd-scripts", str(gui_root)]) == 0
+    assert capsys.readouterr().out.startswith("installed:")
+    assert cli.main(["patch", "status", "--sd-scripts", str(gui_root)]) == 0
+    assert capsys.readouterr().out.startswith("installed:")
+    assert cli.main(["patch", "uninstall", "--sd-scripts", str(gui_root)]) == 0
+    assert (gui_root / "sd-scripts" / NETWORKS / "svd_merge_lora.py").read_bytes() == STANDIN_ORIGINAL
+
+
+def test_default_dir_is_the_current_folder(checkout: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(checkout)
+    code, out, _ = run_patch(capsys, "status")
+    assert code == 0 and out.startswith("not installed:")
+
+
+@pytest.mark.parametrize("layout", ["empty", "missing", "networks_only", "networks_folder_itself"])
+def test_refuses_a_folder_that_is_not_sd_scripts(tmp_path: Path, capsys, layout: str) -> None:
+    folder = tmp_path / "d"
+    if layout == "empty":
+        folder.mkdir()
+    elif layout == "networks_only":  # a lone svd_merge_lora.py is not a checkout
+        (folder / NETWORKS).mkdir(parents=True)
+        (folder / NETWORKS / "svd_merge_lora.py").write_bytes(STANDIN_ORIGINAL)
+    elif layout == "networks_folder_itself":
+        folder = make_checkout(tmp_path / "sd-scripts") / NETWORKS
+    before = snapshot(folder) if folder.is_dir() else None
+    for action in ("install", "status", "uninstall"):
+        code, out, err = run_patch(capsys, action, "--sd-scripts", str(folder))
+        assert code == 2 and out == ""
+        assert err.startswith(f"copylora.patch: error: {folder}: ")
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert ("no such folder" if layout == "missing" else "not an sd-scripts checkout") in err
+    if before is not None:
+        assert snapshot(folder) == before
+
+
+def test_changed_shim_is_refused_without_force(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    target = networks / "svd_merge_lora.py"
+    target.write_bytes(target.read_bytes() + b"# someone's edit\n")
+    assert status_line(checkout).startswith("modified by someone else:")
+    assert "the shim networks/svd_merge_lora.py was changed" in status_line(checkout)
+    edited = snapshot(networks)
+    for action in ("install", "uninstall"):
+        code, _, err = run_patch(capsys, action, "--sd-scripts", str(checkout))
+        assert code == 2 and "modified by someone else" in err and "--force" in err
+        assert snapshot(networks) == edited
+    code, out, _ = run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))
+    assert code == 0 and target.read_bytes() == STANDIN_ORIGINAL
+    assert sorted(p.name for p in networks.iterdir()) == ["lora.py", "svd_merge_lora.py"]
+
+
+def test_changed_kept_original_is_refused_and_force_keeps_it(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    kept = networks / sd_scripts.KEPT
+    changed = STANDIN_ORIGINAL + b"# a local fix\n"
+    kept.write_bytes(changed)
+    assert "the kept original networks/svd_merge_lora.copylora-original.py was changed" in status_line(checkout)
+    assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 2
+    assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 2
+    assert kept.read_bytes() == changed
+    assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
+    assert status_line(checkout).startswith("installed:")
+    assert kept.read_bytes() == changed  # --force adopts the kept file as it now is
+    assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / "svd_merge_lora.py").read_bytes() == changed
+
+
+def test_missing_or_broken_sidecar_is_a_modification(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    (networks / sd_scripts.SIDECAR).write_text("{not json")
+    assert "unreadable" in status_line(checkout)
+    assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 2
+    (networks / sd_scripts.SIDECAR).unlink()
+    assert "is missing" in status_line(checkout)
+    assert run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / "svd_merge_lora.py").read_bytes() == STANDIN_ORIGINAL
+
+
+def test_target_replaced_after_install(checkout: Path, capsys) -> None:
+    """E.g. `git checkout`/an update replaced the shim with a newer stock script."""
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    newer = STANDIN_ORIGINAL + b"# upstream update\n"
+    (networks / "svd_merge_lora.py").write_bytes(newer)
+    assert status_line(checkout).startswith("modified by someone else:")
+    assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 2
+    # uninstall --force never puts the old kept copy over the newer script
+    assert run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / "svd_merge_lora.py").read_bytes() == newer
+    assert status_line(checkout) == f"not installed: {networks / 'svd_merge_lora.py'} is not copylora's shim"
+    # and install --force on the same situation keeps the newer script as the original
+    sd_scripts.install(checkout)
+    (networks / "svd_merge_lora.py").write_bytes(newer + b"# again\n")
+    assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / sd_scripts.KEPT).read_bytes() == newer + b"# again\n"
+    assert status_line(checkout).startswith("installed:")
+
+
+def test_shim_without_kept_original_is_refused_even_with_force(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    (networks / sd_scripts.KEPT).unlink()
+    assert "kept original" in status_line(checkout) and "missing" in status_line(checkout)
+    for action in ("install", "uninstall"):
+        code, _, err = run_patch(capsys, action, "--force", "--sd-scripts", str(checkout))
+        assert code == 2 and "git -C" in err and "checkout -- networks/svd_merge_lora.py" in err
+    assert shutil.os.path.exists(networks / "svd_merge_lora.py")
+
+
+def test_interrupted_runs_are_finished(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    before = snapshot(networks)
+    # install stopped after keeping the original: a copy beside the untouched target
+    shutil.copy2(networks / "svd_merge_lora.py", networks / sd_scripts.KEPT)
+    line = status_line(checkout)
+    assert line.startswith("not installed:") and "leftover" in line
+    code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
+    assert code == 0 and "removed leftover" in out and snapshot(networks) == before
+    # uninstall stopped after restoring the target and dropping the kept copy: only the sidecar is left
+    sd_scripts.install(checkout)
+    sidecar = (networks / sd_scripts.SIDECAR).read_bytes()
+    sd_scripts.uninstall(checkout)
+    (networks / sd_scripts.SIDECAR).write_bytes(sidecar)
+    assert "leftover" in status_line(checkout)
+    assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 0
+    assert status_line(checkout).startswith("installed:")
+
+
+def test_older_shim_is_updated_without_force(checkout: Path, capsys, monkeypatch, tmp_path: Path) -> None:
+    networks = checkout / NETWORKS
+    old_shim = tmp_path / "old" / "svd_merge_lora.py"
+    old_shim.parent.mkdir()
+    old_shim.write_bytes(b"# copylora shim v0\nprint('old')\n")
+    with monkeypatch.context() as m:
+        m.setattr(sd_scripts, "shim_path", lambda: old_shim)
+        sd_scripts.install(checkout)
+    assert status_line(checkout).startswith("installed, older shim")
+    code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("updated the shim")
+    assert status_line(checkout).startswith("installed:")
+    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL
+
+
+def test_writes_are_atomic(checkout: Path, monkeypatch) -> None:
+    networks = checkout / NETWORKS
+    before = snapshot(networks)
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sd_scripts.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        sd_scripts.install(checkout)
+    assert snapshot(networks) == before  # no half-written file, no temp file left
+    monkeypatch.undo()
+    sd_scripts.install(checkout)
+    installed = snapshot(networks)
+    monkeypatch.setattr(sd_scripts.os, "replace", boom)
+    with pytest.raises(OSError):
+        sd_scripts.uninstall(checkout)
+    assert snapshot(networks) == installed
+
+
+def test_shim_source_is_found_and_marked() -> None:
+    path = sd_scripts.shim_path()
+    assert path == REPO / "sd_scripts_patch" / "svd_merge_lora.py"
+    assert sd_scripts.shim_version(path.read_bytes()) == 1
+    assert sd_scripts.shim_version(STANDIN_ORIGINAL) is None
+    import sd_scripts_patch.svd_merge_lora as shim_module  # importing it runs nothing
+
+    assert shim_module.KEPT_ORIGINAL == sd_scripts.KEPT and shim_module.SIDECAR == sd_scripts.SIDECAR
+
+
+# ---------------------------------------------------------------- running the patched script
+
+
+def test_shim_hands_argv_and_exit_code_to_copylora_merge(checkout: Path, tmp_path: Path) -> None:
+    sd_scripts.install(checkout)
+    fake = fake_copylora(tmp_path)
+    out = tmp_path / "out.safetensors"
+    args = ["--save_precision", "fp16", "--models", "b c.safetensors", "a.safetensors", "--ratios", "1", "-1",
+            "--new_conv_rank=8", "--save_to", str(out), "--exit_code", "5"]
+    proc = run_script(checkout, "networks/svd_merge_lora.py", args, [fake])
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr == ""
+    record = json.loads(Path(str(out) + ".copylora.json").read_text())
+    assert record["argv"] == args
+    # networks/ (kohya's lora.py & co.) is kept off sys.path while copylora is imported
+    assert str(checkout / NETWORKS) not in record["sys_path"]
+    assert not Path(str(out) + ".original.json").exists()
+
+
+def test_fallback_runs_the_kept_original_when_copylora_is_hidden(checkout: Path, tmp_path: Path) -> None:
+    sd_scripts.install(checkout)
+    out = tmp_path / "out.safetensors"
+    args = ["--models", "x.safetensors", "--save_to", str(out), "--exit_code", "3"]
+    # library/ comes from the checkout root the way kohya's `pip install -e .` makes it importable
+    proc = run_script(checkout, "networks/svd_merge_lora.py", args, [hide_copylora(tmp_path), checkout])
+    assert proc.returncode == 3
+    warning = proc.stderr.strip().splitlines()
+    assert len(warning) == 1, proc.stderr
+    assert warning[0].startswith(f"copylora: copylora.merge is not importable by {sys.executable}")
+    assert "pip install --no-build-isolation" in warning[0] and str(REPO) in warning[0]
+    record = json.loads(Path(str(out) + ".original.json").read_text())
+    assert record["name"] == "__main__"
+    assert record["argv"] == ["networks/svd_merge_lora.py", *args]
+    assert Path(record["file"]).resolve() == (checkout / NETWORKS / "svd_merge_lora.py").resolve()
+    assert record["lora"] == "networks.lora" and record["util"] == "library.standin_util"
+    assert Path(record["sys_path0"]).resolve() == (checkout / NETWORKS).resolve()
+
+
+def test_fallback_passes_a_crash_through(checkout: Path, tmp_path: Path) -> None:
+    sd_scripts.install(checkout)
+    out = tmp_path / "out.safetensors"
+    proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out), "--crash"],
+                      [hide_copylora(tmp_path), checkout])
+    assert proc.returncode == 1 and "RuntimeError: stand-in crashed" in proc.stderr
+    assert "svd_merge_lora.copylora-original.py" in proc.stderr  # the traceback points at the real lines
+
+
+def test_copylora_use_original_runs_the_original_quietly(checkout: Path, tmp_path: Path) -> None:
+    sd_scripts.install(checkout)
+    out = tmp_path / "out.safetensors"
+    proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out)], [fake_copylora(tmp_path), checkout],
+                      COPYLORA_USE_ORIGINAL="1")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert Path(str(out) + ".original.json").exists() and not Path(str(out) + ".copylora.json").exists()
+
+
+def test_after_uninstall_the_stock_script_runs_again(gui_root: Path, tmp_path: Path) -> None:
+    root = gui_root / "sd-scripts"
+    sd_scripts.install(sd_scripts.find_checkout(gui_root))
+    sd_scripts.uninstall(sd_scripts.find_checkout(gui_root))
+    out = tmp_path / "out.safetensors"
+    # Kohya's GUI runs it from its own root: python sd-scripts/networks/svd_merge_lora.py ...
+    proc = run_script(gui_root, "sd-scripts/networks/svd_merge_lora.py", ["--save_to", str(out)], [fake_copylora(tmp_path), root])
+    assert proc.returncode == 0, proc.stderr
+    assert Path(str(out) + ".original.json").exists() and not Path(str(out) + ".copylora.json").exists()
+
+
+# ---------------------------------------------------------------- end to end with copylora's merge
+
+
+def write_lora(path: Path, seed: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": (32, 24),
+        "lora_unet_mid_block_attentions_0_proj_out": (40, 40),
+        "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_q": (48, 32),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": (64, 16),
+    }
+    tensors = {}
+    for name, (out_f, in_f) in modules.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(8, in_f, generator=g) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, 8, generator=g) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4.0",
+            "ss_v2": "False", "ss_base_model_version": "sd_v1"}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_output(path: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+        meta = f.metadata() or {}
+    return tensors, {k: v for k, v in meta.items() if k.startswith("ss_") or k.startswith("sshs_")}
+
+
+@pytest.mark.parametrize("layout", ["sd-scripts", "kohya-gui"])
+def test_patched_script_writes_what_copylora_merge_writes(tmp_path: Path, layout: str) -> None:
+    if layout == "sd-scripts":
+        cwd = make_checkout(tmp_path / "sd-scripts")
+        script = "networks/svd_merge_lora.py"
+    else:
+        cwd = tmp_path / "kohya_ss"
+        make_checkout(cwd / "sd-scripts")
+        script = "sd-scripts/networks/svd_merge_lora.py"
+    sd_scripts.install(sd_scripts.find_checkout(cwd))
+    write_lora(tmp_path / "A.safetensors", 1)
+    write_lora(tmp_path / "B.safetensors", 2)
+    stock_flags = ["--models", str(tmp_path / "B.safetensors"), str(tmp_path / "A.safetensors"),
+                   "--ratios", "1", "-1", "--new_rank", "4", "--save_precision", "fp16", "--device", "cpu"]
+    shim_out, direct_out = tmp_path / "shim.safetensors", tmp_path / "direct.safetensors"
+
+    proc = run_script(cwd, script, [*stock_flags, "--save_to", str(shim_out)], [REPO])
+    assert proc.returncode == 0, proc.stderr
+    assert "not importable" not in proc.stderr
+    direct = subprocess.run([sys.executable, "-m", "copylora.merge", *stock_flags, "--save_to", str(direct_out)],
+                            cwd=tmp_path, env=env_with([REPO]), capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+
+    shim_tensors, shim_meta = load_output(shim_out)
+    direct_tensors, direct_meta = load_output(direct_out)
+    assert shim_tensors.keys() == direct_tensors.keys() and len(shim_tensors) > 0
+    assert shim_tensors == direct_tensors
+    assert shim_meta == direct_meta and "ss_network_dim" in shim_meta
+
+    # a bad flag is refused the way copylora.merge refuses it: exit code 2, no traceback
+    bad = run_script(cwd, script, [*stock_flags, "--save_to", str(tmp_path / "x.safetensors"), "--no_such_flag"], [REPO])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------- a real sd-scripts checkout (opt-in)
+
+
+def stock_flags(script: Path) -> list[str]:
+    """Every --flag the stock svd_merge_lora.py defines, read from its source with ast."""
+    flags = []
+    for node in ast.walk(ast.parse(script.read_bytes())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags += [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+    return flags
+
+
+@pytest.mark.kohya
+def test_real_checkout_accepts_every_stock_flag(tmp_path: Path) -> None:
+    real = os.environ.get("COPYLORA_SD_SCRIPTS")
+    if not real:
+        pytest.skip("set COPYLORA_SD_SCRIPTS to an sd-scripts checkout")
+    root = tmp_path / "sd-scripts"
+    shutil.copytree(real, root, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    original = (root / NETWORKS / "svd_merge_lora.py").read_bytes()
+    sd_scripts.install(root)
+    flags = stock_flags(root / NETWORKS / sd_scripts.KEPT)
+    write_lora(tmp_path / "A.safetensors", 1)
+    write_lora(tmp_path / "B.safetensors", 2)
+    values = {
+        "--save_precision": ["fp16"], "--precision": ["float"], "--save_to": [str(tmp_path / "out.safetensors")],
+        "--models": [str(tmp_path / "B.safetensors"), str(tmp_path / "A.safetensors")], "--ratios": ["1", "-1"],
+        "--lbws": ["[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]", "[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]"],
+        "--new_rank": ["4"], "--new_conv_rank": ["4"], "--device": ["cpu"], "--no_metadata": [],
+    }
+    unknown = [f for f in flags if f not in values]
+    assert not unknown, f"stock svd_merge_lora.py has flags this test does not know: {unknown}"
+    argv = [x for f in flags for x in (f, *values[f])]
+    proc = run_script(root, "networks/svd_merge_lora.py", argv, [REPO])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.safetensors").is_file()
+    sd_scripts.uninstall(root)
+    assert (root / NETWORKS / "svd_merge_lora.py").read_bytes() == original
