@@ -128,10 +128,11 @@ class State:
     root: Path
     kind: str  # NOT_INSTALLED, INSTALLED, OUTDATED or MODIFIED
     reasons: list[str]  # why MODIFIED
-    leftovers: list[Path]  # copylora files left beside an original target (NOT_INSTALLED only)
+    leftovers: list[Path]  # copylora's files left beside a real script (NOT_INSTALLED only)
     target: bytes | None
     kept: bytes | None
     sidecar: dict | None
+    replaced: bool = False  # NOT_INSTALLED: the shim was replaced by a different script than the kept one
 
     @property
     def networks(self) -> Path:
@@ -150,7 +151,11 @@ class State:
             extra = ""
             if self.leftovers:
                 names = ", ".join(self.rel(p.name) for p in self.leftovers)
-                extra = f" (leftover copylora files {names}; `uninstall` removes them)"
+                how = "was replaced (by an update or git checkout?)" if self.replaced else "is the original"
+                extra = (
+                    f"; it {how} and copylora's leftover {names} can go: `install` patches the script "
+                    "now there, `uninstall` removes them"
+                )
             return f"not installed: {where} is not copylora's shim{extra}"
         return f"modified by someone else: {'; '.join(self.reasons)}"
 
@@ -188,19 +193,28 @@ def inspect(root: Path) -> State:
     if shim_version(target) is None:  # the target is some svd_merge_lora.py, not ours
         if kept is None and not have_sidecar_file:
             return state
-        same_as_kept = kept is None or kept == target
-        same_as_recorded = sidecar is not None and sidecar["original_sha256"] == sha256(target)
-        if same_as_kept and (same_as_recorded or (sidecar is None and sidecar_problem is None)):
-            # an interrupted install/uninstall: the target is the original, the rest is copylora's
+        # the kept copy is ours as written when it matches the record, and harmless to drop when
+        # it equals the script in place (which also covers an install interrupted after it)
+        ours_intact = sidecar_problem is None and (
+            kept is None
+            or kept == target
+            or (sidecar is not None and sha256(kept) == sidecar["original_sha256"])
+        )
+        if ours_intact:
+            # copylora's own files beside a real script: an interrupted install/uninstall, or the
+            # shim was replaced (git checkout, an sd-scripts/GUI update). Nothing of anyone else's
+            # would be lost by `install` (which keeps the current script) or `uninstall`.
             state.leftovers = [p for p in (networks / KEPT, networks / SIDECAR) if p.exists()]
+            state.replaced = sidecar is not None and sha256(target) != sidecar["original_sha256"]
             return state
         state.kind = MODIFIED
-        state.reasons.append(
-            f"networks/{TARGET} is no longer copylora's shim and differs from the kept original "
-            f"networks/{KEPT} (was it replaced, e.g. by git checkout or an update?)"
-        )
         if sidecar_problem:
             state.reasons.append(sidecar_problem)
+        else:
+            state.reasons.append(
+                f"networks/{TARGET} is not copylora's shim, and the kept original networks/{KEPT} "
+                "differs from both it and the recorded hash"
+            )
         return state
 
     # the target is a shim

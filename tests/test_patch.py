@@ -264,23 +264,56 @@ def test_missing_or_broken_sidecar_is_a_modification(checkout: Path, capsys) -> 
 
 
 def test_target_replaced_after_install(checkout: Path, capsys) -> None:
-    """E.g. `git checkout`/an update replaced the shim with a newer stock script."""
+    """E.g. `git checkout`/an sd-scripts update replaced the shim with a newer stock script."""
     networks = checkout / NETWORKS
     sd_scripts.install(checkout)
     newer = STANDIN_ORIGINAL + b"# upstream update\n"
     (networks / "svd_merge_lora.py").write_bytes(newer)
-    assert status_line(checkout).startswith("modified by someone else:")
-    assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 2
-    # uninstall --force never puts the old kept copy over the newer script
-    assert run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))[0] == 0
+    line = status_line(checkout)
+    assert line.startswith("not installed:") and "was replaced" in line and "leftover" in line
+    # uninstall never puts the old kept copy over the newer script; it only drops copylora's files
+    code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
+    assert code == 0 and "removed leftover" in out
     assert (networks / "svd_merge_lora.py").read_bytes() == newer
-    assert status_line(checkout) == f"not installed: {networks / 'svd_merge_lora.py'} is not copylora's shim"
-    # and install --force on the same situation keeps the newer script as the original
+    assert sorted(p.name for p in networks.iterdir()) == ["lora.py", "svd_merge_lora.py"]
+    # install in the same situation keeps the newer script as the original
     sd_scripts.install(checkout)
     (networks / "svd_merge_lora.py").write_bytes(newer + b"# again\n")
-    assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
+    code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
+    assert code == 0 and out.startswith("installed:")
     assert (networks / sd_scripts.KEPT).read_bytes() == newer + b"# again\n"
     assert status_line(checkout).startswith("installed:")
+    assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / "svd_merge_lora.py").read_bytes() == newer + b"# again\n"
+
+
+def test_target_replaced_and_kept_changed_is_refused(checkout: Path, capsys) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    (networks / "svd_merge_lora.py").write_bytes(STANDIN_ORIGINAL + b"# new\n")
+    (networks / sd_scripts.KEPT).write_bytes(STANDIN_ORIGINAL + b"# edited backup\n")
+    assert status_line(checkout).startswith("modified by someone else:")
+    before = snapshot(networks)
+    for action in ("install", "uninstall"):
+        assert run_patch(capsys, action, "--sd-scripts", str(checkout))[0] == 2
+    assert snapshot(networks) == before
+    # --force: install keeps the script in place as the original; uninstall leaves it in place
+    assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
+    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL + b"# new\n"
+    assert status_line(checkout).startswith("installed:")
+
+
+def test_interrupted_install_of_a_replaced_script_is_finished(checkout: Path) -> None:
+    networks = checkout / NETWORKS
+    sd_scripts.install(checkout)
+    newer = STANDIN_ORIGINAL + b"# upstream update\n"
+    (networks / "svd_merge_lora.py").write_bytes(newer)
+    (networks / sd_scripts.KEPT).write_bytes(newer)  # install got as far as keeping the new original
+    assert status_line(checkout).startswith("not installed:")
+    sd_scripts.install(checkout)
+    assert status_line(checkout).startswith("installed:")
+    sd_scripts.uninstall(checkout)
+    assert (networks / "svd_merge_lora.py").read_bytes() == newer
 
 
 def test_shim_without_kept_original_is_refused_even_with_force(checkout: Path, capsys) -> None:
