@@ -1,0 +1,5 @@
+import sys
+
+from copylora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The merge engine: runs a list of ModuleJobs on the chosen backend and says which one ran.
+
+Backends:
+- "ext": copylora._C (C++ on ATen, parallel across modules; CUDA kernels when built with CUDA),
+  called once per group of same-shaped modules.
+- "torch": the pure-torch reference in copylora.engine.reference, one module at a time.
+"auto" picks "ext" when the extension loads, else "torch" with a warning that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from copylora.engine import ops, reference
+from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
+from copylora.errors import CopyloraError
+
+__all__ = ["BACKEND_CHOICES", "EngineResult", "ModuleJob", "MergedModule", "SvdOptions", "merge_jobs", "resolve_backend"]
+
+logger = logging.getLogger("copylora")
+
+BACKEND_CHOICES = ("auto", "ext", "torch")
+
+
+@dataclass
+class EngineResult:
+    modules: dict[str, MergedModule]
+    backend: str  # e.g. "ext (C++ cpu)", "torch (cuda)"
+    seconds: float
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """'ext' or 'torch' for this request; raises if 'ext' was asked for and cannot run."""
+    status = ops.load_status()
+    if requested == "torch":
+        return "torch"
+    if not status.available:
+        if requested == "ext":
+            raise CopyloraError(f"--backend ext: the copylora._C extension did not load ({status.error})")
+        logger.warning("copylora._C extension unavailable (%s); using the pure-torch backend", status.error)
+        return "torch"
+    if device.type == "cuda" and not status.cuda:
+        if requested == "ext":
+            raise CopyloraError("--backend ext: copylora._C was built without CUDA kernels; rebuild with CUDA")
+        logger.warning("copylora._C was built without CUDA kernels; using the pure-torch backend on %s", device)
+        return "torch"
+    return "ext"
+
+
+def group_jobs(jobs: Iterable[ModuleJob]) -> list[list[ModuleJob]]:
+    groups: dict[tuple, list[ModuleJob]] = defaultdict(list)
+    for job in jobs:
+        groups[job.group_key()].append(job)
+    return list(groups.values())
+
+
+def _run_group_ext(group: list[ModuleJob], options: SvdOptions, device: torch.device) -> list[MergedModule]:
+    ups = [u.to(device) for job in group for u in job.ups]
+    downs = [d.to(device) for job in group for d in job.downs]
+    scales = torch.tensor([job.scales for job in group], dtype=torch.float32, device=device)
+    ranks = [job.rank for job in group]
+    up, down, s = ops.merge_group(ups, downs, scales, ranks, options.clamp_quantile, options.sqrt_split)
+    up, down, s = up.cpu(), down.cpu(), s.cpu()
+    return [
+        MergedModule(up=up[b, :, : job.rank], down=down[b, : job.rank], singular_values=s[b])
+        for b, job in enumerate(group)
+    ]
+
+
+def _run_group_torch(group: list[ModuleJob], options: SvdOptions, device: torch.device) -> list[MergedModule]:
+    results = []
+    for job in group:
+        moved = ModuleJob(job.name, [u.to(device) for u in job.ups], [d.to(device) for d in job.downs], job.scales, job.rank)
+        merged = reference.merge_module(moved, options)
+        results.append(MergedModule(merged.up.cpu(), merged.down.cpu(), merged.singular_values.cpu()))
+    return results
+
+
+def merge_jobs(
+    jobs: list[ModuleJob],
+    options: SvdOptions,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EngineResult:
+    """Merge every job; results are float32 on the CPU, keyed by job name.
+
+    on_progress(done, total) is called after each group.
+    """
+    device = torch.device(device)
+    chosen = resolve_backend(backend, device)
+    run_group = _run_group_ext if chosen == "ext" else _run_group_torch
+    start = time.perf_counter()
+    results: dict[str, MergedModule] = {}
+    for group in group_jobs(jobs):
+        for job, merged in zip(group, run_group(group, options, device)):
+            results[job.name] = merged
+        if on_progress is not None:
+            on_progress(len(results), len(jobs))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if chosen == "ext":
+        label = f"ext (C++ {'CUDA' if device.type == 'cuda' else 'CPU'})"
+    else:
+        label = f"torch ({device.type})"
+    return EngineResult(modules=results, backend=label, seconds=seconds)

@@ -1,0 +1,74 @@
+"""What the merge engine is asked to do, and what it returns — shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    """How each module's SVD becomes LoRA factors.
+
+    clamp_quantile: clamp up and down at this quantile of their joined values (stock: 0.99);
+        1 or more means no clamp.
+    sqrt_split: put √S on both up and down instead of S on up (stock: S on up).
+    """
+
+    clamp_quantile: float = 0.99
+    sqrt_split: bool = False
+
+    @property
+    def clamps(self) -> bool:
+        return self.clamp_quantile < 1.0
+
+
+@dataclass
+class ModuleJob:
+    """One module's merge: W = Σ scales[i] · ups[i] @ downs[i], keep `rank` singular vectors.
+
+    ups[i] is (out, r_i), downs[i] is (r_i, in_flat) (a 3×3 conv's down flattened); any float
+    dtype, any device. scales[i] = ratio · lbw · alpha / dim of input i.
+    """
+
+    name: str
+    ups: list[torch.Tensor]
+    downs: list[torch.Tensor]
+    scales: list[float]
+    rank: int
+
+    @property
+    def out_features(self) -> int:
+        return self.ups[0].shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.downs[0].shape[1]
+
+    @property
+    def input_ranks(self) -> tuple[int, ...]:
+        return tuple(d.shape[0] for d in self.downs)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.input_ranks)
+
+    @property
+    def num_singular_values(self) -> int:
+        """How many singular values W can have: min(R, out, in)."""
+        return min(self.total_rank, self.out_features, self.in_features)
+
+    def group_key(self) -> tuple[int, int, tuple[int, ...]]:
+        """Jobs with equal keys can be stacked into one batch."""
+        return (self.out_features, self.in_features, self.input_ranks)
+
+
+@dataclass
+class MergedModule:
+    """up (out, rank) and down (rank, in_flat), float32; the first `num_singular_values`
+    singular values of W (descending), for reports and dynamic rank."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    singular_values: torch.Tensor

@@ -1,0 +1,49 @@
+"""Thin Python wrappers over the ops that copylora._C registers with TORCH_LIBRARY.
+
+The op (schema in csrc/copylora.cpp):
+
+    copylora::merge_group(Tensor[] ups, Tensor[] downs, Tensor scales, int[] ranks,
+                          float clamp_quantile, bool sqrt_split) -> (Tensor, Tensor, Tensor)
+
+merges B modules of one shape class at once. With n inputs per module, ups[b*n + i] is module
+b's input i, (out, r_i); downs[b*n + i] is (r_i, in); all modules share out, in and (r_1..r_n).
+scales is (B, n) float32; ranks[b] is module b's kept rank. It returns up (B, out, K),
+down (B, K, in) and S (B, m), float32, with K = max(ranks), m = min(R, out, in); columns past
+ranks[b] are zero. The maths and conventions are those of copylora.engine.reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    available: bool
+    error: str | None = None
+    cuda: bool = False  # the build carries CUDA kernels
+
+
+@lru_cache(maxsize=1)
+def load_status() -> ExtensionStatus:
+    """Import copylora._C once; say why not when it fails (never silently)."""
+    try:
+        from copylora import _C  # noqa: F401  (registers the ops)
+    except (ImportError, OSError) as exc:
+        return ExtensionStatus(available=False, error=f"{type(exc).__name__}: {exc}")
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("copylora::merge_group", "CUDA")
+    return ExtensionStatus(available=True, cuda=has_cuda)
+
+
+def merge_group(
+    ups: list[torch.Tensor],
+    downs: list[torch.Tensor],
+    scales: torch.Tensor,
+    ranks: list[int],
+    clamp_quantile: float,
+    sqrt_split: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.copylora.merge_group.default(ups, downs, scales, ranks, clamp_quantile, sqrt_split)

@@ -1,0 +1,237 @@
+"""Reading, validating and atomically writing kohya-format LoRA files.
+
+A kohya LoRA stores, per module `NAME`, `NAME.lora_down.weight` (r, in[, kh, kw]),
+`NAME.lora_up.weight` (out, r[, 1, 1]) and optionally a 0-dim `NAME.alpha` (absent means
+alpha = r). Everything that can be wrong with a user's file is reported as one CopyloraError
+that names the file (and module).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from copylora.errors import CopyloraError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+DOWN_SUFFIX = ".lora_down.weight"
+UP_SUFFIX = ".lora_up.weight"
+ALPHA_SUFFIX = ".alpha"
+
+# Key fragments of network types that are not a plain LoRA; stock drops them silently.
+UNSUPPORTED_TYPES = {
+    "hada_": "LyCORIS LoHa",
+    "lokr_": "LyCORIS LoKr",
+    "dora_scale": "DoRA",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module's factors as stored in the file (original dtype and shape)."""
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None  # None: the file has no alpha, so alpha = rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor kohya applies to up @ down."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.down.shape[2:4]) if self.is_conv else (1, 1)  # type: ignore[return-value]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the dense delta this module adds: (out, in) or (out, in, kh, kw)."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    ignored_keys: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        """What kohya's modelspec.merged_from calls this file: its own title, else its stem."""
+        return self.metadata.get("modelspec.title") or self.path.stem
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CopyloraError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from exc
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CopyloraError(
+                f"{path}: refused to load: the pickle holds more than tensors ({_first_line(exc)})"
+            ) from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CopyloraError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+        if not isinstance(loaded, Mapping):
+            raise CopyloraError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
+        return {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {}
+    raise CopyloraError(f"{path}: unsupported file type {path.suffix!r} (use .safetensors, .ckpt, .pt or .pth)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def read_lora(path: str | os.PathLike[str]) -> LoraFile:
+    """Load and validate a kohya LoRA file; raises CopyloraError naming the file on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise CopyloraError(f"{path}: no such file")
+    if not path.is_file():
+        raise CopyloraError(f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise CopyloraError(f"{path}: not readable (permission denied)")
+    tensors, metadata = _load_tensors(path)
+
+    for fragment, kind in UNSUPPORTED_TYPES.items():
+        key = next((k for k in tensors if fragment in k), None)
+        if key is not None:
+            raise CopyloraError(
+                f"{path}: {kind} network ({key}); only kohya LoRA/LoCon (lora_down/lora_up) can be merged"
+            )
+
+    modules: dict[str, LoraModule] = {}
+    used: set[str] = set()
+    for key in tensors:
+        if not key.endswith(DOWN_SUFFIX):
+            continue
+        name = key[: -len(DOWN_SUFFIX)]
+        up_key, alpha_key = name + UP_SUFFIX, name + ALPHA_SUFFIX
+        if up_key not in tensors:
+            raise CopyloraError(f"{path}: module {name} has lora_down but no lora_up")
+        alpha_tensor = tensors.get(alpha_key)
+        modules[name] = _validated_module(path, name, tensors[key], tensors[up_key], alpha_tensor)
+        used.update((key, up_key, alpha_key))
+
+    if not modules:
+        raise CopyloraError(
+            f"{path}: no lora_down/lora_up pairs found ({len(tensors)} tensors): not a LoRA "
+            "(a checkpoint or an embedding?)"
+        )
+    orphan_up = next((k for k in tensors if k.endswith(UP_SUFFIX) and k not in used), None)
+    if orphan_up is not None:
+        raise CopyloraError(f"{path}: module {orphan_up[: -len(UP_SUFFIX)]} has lora_up but no lora_down")
+    ignored = sorted(k for k in tensors if k not in used)
+    return LoraFile(path=path, modules=modules, metadata=metadata, ignored_keys=ignored)
+
+
+def _validated_module(
+    path: Path, name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None
+) -> LoraModule:
+    def bad(problem: str) -> CopyloraError:
+        return CopyloraError(f"{path}: module {name}: {problem}")
+
+    for label, tensor in (("lora_down", down), ("lora_up", up)):
+        if not tensor.is_floating_point():
+            raise bad(f"{label} has non-float dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise bad(f"{label} contains NaN or Inf")
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        raise bad(f"unsupported shapes lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}")
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise bad(f"lora_up must be 1x1, found kernel {tuple(up.shape[2:])}")
+    if up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        raise bad(f"rank mismatch: lora_down {tuple(down.shape)} vs lora_up {tuple(up.shape)}")
+    alpha_value: float | None = None
+    if alpha is not None:
+        if alpha.numel() != 1:
+            raise bad(f"alpha must be a scalar, found shape {tuple(alpha.shape)}")
+        alpha_value = float(alpha.reshape(()).item())
+        if alpha_value != alpha_value or alpha_value in (float("inf"), float("-inf")):
+            raise bad("alpha is NaN or Inf")
+    return LoraModule(name=name, down=down, up=up, alpha=alpha_value)
+
+
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The exact bytes safetensors writes for these tensors and metadata."""
+    return save(dict(tensors), metadata=dict(metadata) if metadata else None)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call write(temp_path) on a temp file beside `path`, then rename it into place.
+
+    Readers never see a half-written file, and a failure leaves any existing file untouched.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CopyloraError(f"{path}: folder {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_lora(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> None:
+    """Write a LoRA like stock: safetensors with metadata, or torch.save for .ckpt/.pt/.pth."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        data = serialize_safetensors(tensors, metadata)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    elif suffix in PICKLE_SUFFIXES:
+
+        def write(tmp: str) -> None:
+            torch.save(dict(tensors), tmp)
+
+    else:
+        raise CopyloraError(f"{path}: unsupported output type {path.suffix!r} (use .safetensors, .ckpt or .pt)")
+    atomic_write(path, write)

@@ -1,0 +1,97 @@
+"""`python -m copylora.merge`: kohya's networks/svd_merge_lora.py, same flags and output, fast.
+
+    python -m copylora.merge --models B.safetensors A.safetensors --ratios 1 -1 \
+        --new_rank 16 --device cuda --save_precision fp16 --save_to diff.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from copylora.engine import BACKEND_CHOICES
+from copylora.errors import run_cli
+from copylora.svd_merge import PRECISIONS, MergeRequest, merge_files
+
+PROG = "copylora.merge"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Merge LoRAs by SVD like kohya's svd_merge_lora.py (same flags, same file format), "
+        "computing each module's SVD from its factors instead of the dense weight.",
+    )
+    precisions = list(PRECISIONS)
+    # kohya's flags, defaults and choices
+    parser.add_argument("--save_precision", type=str, default=None, choices=[None, *precisions],
+                        help="precision of the saved file; the merge precision if omitted")
+    parser.add_argument("--precision", type=str, default="float", choices=precisions,
+                        help="precision of the inputs during the merge (the SVD itself always runs in float32)")
+    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt or .pt")
+    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge: .safetensors, .ckpt, .pt")
+    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1)")
+    parser.add_argument("--lbws", type=str, nargs="*",
+                        help="one block-weight JSON list per model, of length 12, 17, 20 or 26")
+    parser.add_argument("--new_rank", type=int, default=4, help="rank of the output LoRA")
+    parser.add_argument("--new_conv_rank", type=int, default=None,
+                        help="rank of the output for 3x3 conv modules; new_rank if omitted")
+    parser.add_argument("--device", type=str, default=None, help="where to compute: cpu (default), cuda or cuda:N")
+    parser.add_argument("--no_metadata", action="store_true",
+                        help="do not write sai modelspec metadata (the minimal ss_* metadata is always written)")
+    # copylora's own options
+    parser.add_argument("--backend", type=str, default="auto", choices=list(BACKEND_CHOICES),
+                        help="merge engine: ext = the C++/CUDA extension, torch = pure torch; "
+                        "auto = ext when it is built (default: auto)")
+    parser.add_argument("--clamp_quantile", type=float, default=0.99,
+                        help="clamp up/down at this quantile of their values, like stock (0.99); 1 = no clamp")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or INFO lines; only the summary")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> MergeRequest:
+    return MergeRequest(
+        models=[Path(m) for m in args.models or []],
+        ratios=args.ratios,
+        save_to=Path(args.save_to) if args.save_to else None,  # type: ignore[arg-type]
+        new_rank=args.new_rank,
+        new_conv_rank=args.new_conv_rank,
+        lbws=args.lbws,
+        precision=args.precision,
+        save_precision=args.save_precision,
+        device=args.device,
+        no_metadata=args.no_metadata,
+        backend=args.backend,
+        clamp_quantile=args.clamp_quantile,
+    )
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s", force=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.quiet)
+    request = request_from_args(args)
+    with tqdm(desc="merging", unit="module", disable=args.quiet) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        summary = merge_files(request, on_progress=advance)
+    print(summary.line())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

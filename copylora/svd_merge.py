@@ -1,0 +1,223 @@
+"""The merge pipeline behind `copylora.merge`: load → plan per-module jobs → engine → save like stock.
+
+Output format follows kohya's networks/svd_merge_lora.py: per module `lora_up.weight`,
+`lora_down.weight` (conv modules 4-D), a 0-dim int64 `alpha` equal to the module's rank, the
+minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from copylora import kohya_metadata
+from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
+from copylora.errors import CopyloraError
+from copylora.lora_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoraFile, LoraModule, read_lora, write_lora
+from copylora.naming import BlockWeights, parse_lbws
+
+logger = logging.getLogger("copylora")
+
+PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MergeRequest:
+    """Everything `svd_merge_lora.py`'s flags say, plus copylora's own options."""
+
+    models: list[Path]
+    ratios: list[float]
+    save_to: Path
+    new_rank: int = 4
+    new_conv_rank: int | None = None  # None: same as new_rank
+    lbws: list[str] | None = None
+    precision: str = "float"
+    save_precision: str | None = None  # None: same as precision
+    device: str | None = None
+    no_metadata: bool = False
+    backend: str = "auto"
+    clamp_quantile: float = 0.99
+
+    @property
+    def conv_rank(self) -> int:
+        return self.new_rank if self.new_conv_rank is None else self.new_conv_rank
+
+
+@dataclass
+class MergeSummary:
+    output: Path
+    backend: str
+    modules: int
+    ranks: Counter = field(default_factory=Counter)  # rank -> number of modules
+    seconds_total: float = 0.0
+    seconds_engine: float = 0.0
+
+    def line(self) -> str:
+        ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(self.ranks.items()))
+        return (
+            f"merged {self.modules} modules ({ranks}) with backend {self.backend} "
+            f"in {self.seconds_total:.2f} s (engine {self.seconds_engine:.3f} s) -> {self.output}"
+        )
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    """Where one output module comes from and how it must be shaped."""
+
+    job: ModuleJob
+    weight_shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.weight_shape) == 4
+
+
+def validate_request(request: MergeRequest) -> None:
+    """Check the arguments before any file is read."""
+    if not request.models:
+        raise CopyloraError("--models: give at least one LoRA file")
+    if request.ratios is None or len(request.ratios) != len(request.models):
+        got = 0 if request.ratios is None else len(request.ratios)
+        raise CopyloraError(f"--ratios: {got} values for {len(request.models)} models; give one ratio per model")
+    if request.lbws and len(request.lbws) != len(request.models):
+        raise CopyloraError(f"--lbws: {len(request.lbws)} vectors for {len(request.models)} models; give one per model")
+    if request.new_rank < 1:
+        raise CopyloraError(f"--new_rank: must be at least 1, got {request.new_rank}")
+    if request.new_conv_rank is not None and request.new_conv_rank < 1:
+        raise CopyloraError(f"--new_conv_rank: must be at least 1, got {request.new_conv_rank}")
+    if not 0.0 < request.clamp_quantile <= 1.0:
+        raise CopyloraError(f"--clamp_quantile: must be in (0, 1], got {request.clamp_quantile}")
+    if request.save_to is None:
+        raise CopyloraError("--save_to: give the output file (.safetensors, .ckpt or .pt)")
+    save_to = Path(request.save_to)
+    if save_to.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise CopyloraError(f"{save_to}: unsupported output type {save_to.suffix!r} (use .safetensors, .ckpt or .pt)")
+    folder = save_to.parent
+    if not folder.is_dir():
+        raise CopyloraError(f"{save_to}: folder {folder} does not exist")
+    if save_to.is_dir():
+        raise CopyloraError(f"{save_to}: is a folder, not a file name")
+    for model in request.models:
+        if Path(model).exists() and save_to.exists() and save_to.resolve() == Path(model).resolve():
+            raise CopyloraError(f"{save_to}: --save_to is one of the input models; refusing to overwrite it")
+    if request.device and request.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CopyloraError(f"--device {request.device}: CUDA is not available to this torch ({torch.__version__})")
+
+
+def plan_modules(
+    files: list[LoraFile], ratios: list[float], lbws: list[BlockWeights] | None, request: MergeRequest
+) -> list[PlannedModule]:
+    """One job per module name, in order of first appearance; inputs without the module are skipped."""
+    merge_dtype = PRECISIONS[request.precision]
+    sources: dict[str, list[tuple[LoraFile, LoraModule, float]]] = {}
+    for index, (lora, ratio) in enumerate(zip(files, ratios)):
+        for name, module in lora.modules.items():
+            scale = ratio * module.scale * (lbws[index].for_module(name) if lbws else 1.0)
+            sources.setdefault(name, []).append((lora, module, scale))
+
+    planned = []
+    for name, entries in sources.items():
+        first_file, first, _ = entries[0]
+        for other_file, other, _ in entries[1:]:
+            if other.weight_shape != first.weight_shape:
+                raise CopyloraError(
+                    f"{other_file.path}: module {name} has shape {other.weight_shape} but "
+                    f"{first_file.path} has {first.weight_shape} (LoRAs for different base models?)"
+                )
+        out_features, in_channels = first.weight_shape[0], first.weight_shape[1]
+        conv3x3 = first.is_conv and first.kernel_size != (1, 1)
+        # kohya caps the rank by the channel counts (not in·kh·kw) — keep its shapes
+        rank = min(request.conv_rank if conv3x3 else request.new_rank, in_channels, out_features)
+        job = ModuleJob(
+            name=name,
+            ups=[m.up.reshape(m.up.shape[0], m.rank).to(merge_dtype) for _, m, _ in entries],
+            downs=[m.down.reshape(m.rank, -1).to(merge_dtype) for _, m, _ in entries],
+            scales=[s for _, _, s in entries],
+            rank=rank,
+        )
+        planned.append(PlannedModule(job=job, weight_shape=first.weight_shape))
+    return planned
+
+
+def output_tensors(
+    planned: list[PlannedModule], merged: dict[str, MergedModule], merge_dtype: torch.dtype, save_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for plan in planned:
+        name, rank, result = plan.job.name, plan.job.rank, merged[plan.job.name]
+        up, down = result.up, result.down
+        if plan.is_conv:
+            up = up.reshape(plan.weight_shape[0], rank, 1, 1)
+            down = down.reshape(rank, *plan.weight_shape[1:])
+        # stock holds the result in the merge dtype, then casts to the save dtype
+        tensors[f"{name}.lora_up.weight"] = up.to(merge_dtype).to(save_dtype).contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.to(merge_dtype).to(save_dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(rank)
+    return tensors
+
+
+def build_metadata(
+    request: MergeRequest, files: list[LoraFile], tensors: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    base = kohya_metadata.BaseModelInfo.from_metadata([f.metadata for f in files])
+    conv_rank = request.conv_rank
+    metadata = kohya_metadata.network_metadata(
+        base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
+    )
+    metadata.update(kohya_metadata.weight_hashes(tensors, metadata))
+    if not request.no_metadata:
+        if base.is_v2:
+            logger.warning("a LoRA does not say whether it is v-prediction; saving modelspec as v-prediction, like stock")
+        metadata.update(
+            kohya_metadata.modelspec_metadata(base, title=Path(request.save_to).stem, merged_from=[f.title for f in files])
+        )
+    return metadata
+
+
+def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] | None = None) -> MergeSummary:
+    """Run the whole merge; raises CopyloraError for bad input, writes nothing unless it succeeds.
+
+    on_progress(done, total) is called as groups of modules finish.
+    """
+    start = time.perf_counter()
+    validate_request(request)
+    lbws = parse_lbws(request.lbws) if request.lbws else None
+    files = []
+    for model in request.models:
+        logger.info("loading: %s", model)
+        lora = read_lora(model)
+        if lora.ignored_keys:
+            logger.warning("%s: ignoring %d non-LoRA tensors (e.g. %s)", model, len(lora.ignored_keys), lora.ignored_keys[0])
+        files.append(lora)
+
+    planned = plan_modules(files, request.ratios, lbws, request)
+    logger.info("new rank: %d, new conv rank: %d; merging %d modules", request.new_rank, request.conv_rank, len(planned))
+    result = merge_jobs(
+        [p.job for p in planned],
+        SvdOptions(clamp_quantile=request.clamp_quantile),
+        backend=request.backend,
+        device=request.device or "cpu",
+        on_progress=on_progress,
+    )
+
+    merge_dtype = PRECISIONS[request.precision]
+    save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
+    tensors = output_tensors(planned, result.modules, merge_dtype, save_dtype)
+    logger.info("calculating hashes and creating metadata...")
+    metadata = build_metadata(request, files, tensors)
+    logger.info("saving model to: %s", request.save_to)
+    write_lora(request.save_to, tensors, metadata)
+    return MergeSummary(
+        output=Path(request.save_to),
+        backend=result.backend,
+        modules=len(planned),
+        ranks=Counter(p.job.rank for p in planned),
+        seconds_total=time.perf_counter() - start,
+        seconds_engine=result.seconds,
+    )
