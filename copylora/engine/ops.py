@@ -34,8 +34,30 @@ def load_status() -> ExtensionStatus:
         from copylora import _C  # noqa: F401  (registers the ops)
     except (ImportError, OSError) as exc:
         return ExtensionStatus(available=False, error=f"{type(exc).__name__}: {exc}")
+    _register_fake()
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("copylora::merge_group", "CUDA")
     return ExtensionStatus(available=True, cuda=has_cuda)
+
+
+def _register_fake() -> None:
+    """Shapes without data, for torch.compile / FakeTensor / meta tracing."""
+
+    @torch.library.register_fake("copylora::merge_group")
+    def _(ups, downs, scales, ranks, clamp_quantile, sqrt_split):
+        modules = len(ranks)
+        max_rank = max(ranks, default=0)
+        if modules == 0:
+            empty = scales.new_empty((0, 0, max_rank))
+            return empty, scales.new_empty((0, max_rank, 0)), scales.new_empty((0, 0))
+        inputs = len(ups) // modules
+        out, in_features = ups[0].shape[0], downs[0].shape[1]
+        total_rank = sum(d.shape[0] for d in downs[:inputs])
+        singular = min(total_rank, out, in_features)
+        return (
+            scales.new_empty((modules, out, max_rank)),
+            scales.new_empty((modules, max_rank, in_features)),
+            scales.new_empty((modules, singular)),
+        )
 
 
 def merge_group(

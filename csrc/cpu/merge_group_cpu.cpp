@@ -1,0 +1,178 @@
+// CPU kernel of copylora::merge_group: float32 on ATen, modules split across threads with
+// at::parallel_for. Each thread assembles its modules' P and Q, runs LAPACK (via ATen's batched
+// linalg ops, serial inside the parallel region) on its slice, then fixes signs, scales,
+// truncates and clamps module by module.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "merge_group.h"
+
+namespace copylora {
+namespace {
+
+// P[b] = [s_1 U_1 ... s_n U_n] (out x R) and Q[b] = [D_1; ...; D_n] (R x in), cast to float32
+// in the same pass that copies them; any strides, any float dtype.
+void assemble_module(const GroupShape& g, at::TensorList ups, at::TensorList downs,
+                     const float* scales, int64_t b, float* p, float* q) {
+  for (int64_t i = 0; i < g.inputs; ++i) {
+    const at::Tensor& up = ups[b * g.inputs + i];
+    const at::Tensor& down = downs[b * g.inputs + i];
+    const int64_t r = g.input_ranks[i];
+    const int64_t offset = g.offsets[i];
+    const float scale = scales[b * g.inputs + i];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, up.scalar_type(), "assemble_up", [&] {
+      const scalar_t* src = up.const_data_ptr<scalar_t>();
+      const int64_t s0 = up.stride(0), s1 = up.stride(1);
+      for (int64_t row = 0; row < g.out; ++row) {
+        float* dst = p + row * g.total_rank + offset;
+        for (int64_t col = 0; col < r; ++col) {
+          dst[col] = scale * static_cast<float>(src[row * s0 + col * s1]);
+        }
+      }
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, down.scalar_type(), "assemble_down", [&] {
+      const scalar_t* src = down.const_data_ptr<scalar_t>();
+      const int64_t s0 = down.stride(0), s1 = down.stride(1);
+      for (int64_t row = 0; row < r; ++row) {
+        float* dst = q + (offset + row) * g.in;
+        for (int64_t col = 0; col < g.in; ++col) {
+          dst[col] = static_cast<float>(src[row * s0 + col * s1]);
+        }
+      }
+    });
+  }
+}
+
+// Writes module b's up (out x K block) and down (K x in block) from U (out x kk), S, Vh (kk x in),
+// the first `kept` pairs only, each pair's sign fixed so that the largest-|value| entry of its U
+// column (first on ties) is positive.
+void write_factors(const GroupShape& g, const float* u, const float* s, const float* vh, int64_t kk,
+                   int64_t kept, bool sqrt_split, float* up, float* down) {
+  for (int64_t j = 0; j < kept; ++j) {
+    int64_t best = 0;
+    float best_abs = -1.0f;
+    for (int64_t row = 0; row < g.out; ++row) {
+      const float a = std::fabs(u[row * kk + j]);
+      if (a > best_abs) {
+        best_abs = a;
+        best = row;
+      }
+    }
+    const float sign = u[best * kk + j] < 0.0f ? -1.0f : 1.0f;
+    const float up_scale = sign * (sqrt_split ? std::sqrt(s[j]) : s[j]);
+    const float down_scale = sign * (sqrt_split ? std::sqrt(s[j]) : 1.0f);
+    for (int64_t row = 0; row < g.out; ++row) {
+      up[row * g.max_rank + j] = u[row * kk + j] * up_scale;
+    }
+    for (int64_t col = 0; col < g.in; ++col) {
+      down[j * g.in + col] = vh[j * g.in + col] * down_scale;
+    }
+  }
+}
+
+// Stock's clamp of up and down to +-(q-quantile of their joined values), with the quantile found
+// by selection (O(n)) rather than torch.quantile's sort.
+void clamp_module(const GroupShape& g, int64_t rank, float quantile, float* up, float* down,
+                  std::vector<float>& scratch) {
+  const int64_t count = (g.out + g.in) * rank;
+  if (count == 0) {
+    return;
+  }
+  scratch.resize(count);
+  for (int64_t e = 0; e < count; ++e) {
+    scratch[e] = *clamp_element(up, down, g.out, g.in, g.max_rank, rank, e);
+  }
+  const QuantilePosition pos = quantile_position(quantile, count);
+  std::nth_element(scratch.begin(), scratch.begin() + pos.below, scratch.end());
+  const float below = scratch[pos.below];
+  // nth_element leaves only values >= scratch[below] after it, so the next order statistic is
+  // their minimum.
+  const float above =
+      pos.above == pos.below ? below : *std::min_element(scratch.begin() + pos.below + 1, scratch.end());
+  const float hi = lerp_like_torch(below, above, pos.weight);
+  for (int64_t e = 0; e < count; ++e) {
+    float* x = clamp_element(up, down, g.out, g.in, g.max_rank, rank, e);
+    *x = std::min(std::max(*x, -hi), hi);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
+    at::TensorList ups, at::TensorList downs, const at::Tensor& scales, at::IntArrayRef ranks,
+    double clamp_quantile, bool sqrt_split) {
+  const GroupShape g = check_group(ups, downs, scales, ranks, clamp_quantile);
+  const auto options = scales.options().dtype(at::kFloat);
+  at::Tensor up = at::zeros({g.modules, g.out, g.max_rank}, options);
+  at::Tensor down = at::zeros({g.modules, g.max_rank, g.in}, options);
+  at::Tensor singular = at::zeros({g.modules, g.singular}, options);
+  if (g.modules == 0) {
+    return {up, down, singular};
+  }
+  const at::Tensor scales_c = scales.contiguous();
+  const float* scale_data = scales_c.const_data_ptr<float>();
+  at::Tensor p = at::empty({g.modules, g.out, g.total_rank}, options);
+  at::Tensor q = at::empty({g.modules, g.total_rank, g.in}, options);
+  const bool clamps = clamp_quantile < 1.0;
+  const float quantile = static_cast<float>(clamp_quantile);
+  const int64_t kk = g.computed;
+  float* p_data = p.data_ptr<float>();
+  float* q_data = q.data_ptr<float>();
+  float* up_data = up.data_ptr<float>();
+  float* down_data = down.data_ptr<float>();
+
+  at::parallel_for(0, g.modules, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      assemble_module(g, ups, downs, scale_data, b, p_data + b * g.out * g.total_rank,
+                      q_data + b * g.total_rank * g.in);
+    }
+    const at::Tensor p_slice = p.slice(0, begin, end);
+    const at::Tensor q_slice = q.slice(0, begin, end);
+    at::Tensor u, s, vh;  // (b, out, kk), (b, m), (b, kk, in)
+    if (g.dense) {
+      // R is no smaller than out or in: W itself is no bigger than the factors.
+      auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p_slice, q_slice), /*full_matrices=*/false);
+      u = u_w.narrow(2, 0, kk);
+      s = s_w.narrow(1, 0, g.singular);
+      vh = vh_w.narrow(1, 0, kk);
+    } else {
+      // W = Qp (Rp Rq^T) Qq^T: the SVD of the small R x R core gives W's.
+      auto [q_p, r_p] = at::linalg_qr(p_slice);
+      auto [q_q, r_q] = at::linalg_qr(q_slice.transpose(1, 2));
+      auto [u_c, s_c, vh_c] = at::linalg_svd(at::bmm(r_p, r_q.transpose(1, 2)), /*full_matrices=*/false);
+      u = at::bmm(q_p, u_c.narrow(2, 0, kk));
+      s = s_c;
+      vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));
+    }
+    u = u.contiguous();
+    s = s.contiguous();
+    vh = vh.contiguous();
+    singular.slice(0, begin, end).copy_(s);
+    std::vector<float> scratch;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i = b - begin;
+      float* up_b = up_data + b * g.out * g.max_rank;
+      float* down_b = down_data + b * g.max_rank * g.in;
+      write_factors(g, u.const_data_ptr<float>() + i * g.out * kk, s.const_data_ptr<float>() + i * g.singular,
+                    vh.const_data_ptr<float>() + i * kk * g.in, kk, std::min(ranks[b], g.singular),
+                    sqrt_split, up_b, down_b);
+      if (clamps) {
+        clamp_module(g, ranks[b], quantile, up_b, down_b, scratch);
+      }
+    }
+  });
+  return {up, down, singular};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(copylora, CPU, m) {
+  m.impl("merge_group", &merge_group_cpu);
+}
+
+}  // namespace copylora
