@@ -70,7 +70,7 @@ def lora_factors(
 
 def clamp_joint(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock's outlier clamp: both factors to ±(quantile of their joined values)."""
-    if quantile >= 1.0:
+    if quantile >= 1.0 or up.numel() + down.numel() == 0:
         return up, down
     hi = linear_quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), quantile)
     return up.clamp(-hi, hi), down.clamp(-hi, hi)
