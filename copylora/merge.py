@@ -78,13 +78,19 @@ def configure_logging(quiet: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.quiet)
     request = request_from_args(args)
-    with tqdm(desc="merging", unit="module", disable=args.quiet) as bar:
+    bar: tqdm | None = None
 
-        def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def advance(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # created on first progress, so a failed load prints no empty bar
+            bar = tqdm(desc="merging", unit="module", total=total, disable=args.quiet)
+        bar.update(done - bar.n)
 
+    try:
         summary = merge_files(request, on_progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
     print(summary.line())
     return 0
 

@@ -1,0 +1,47 @@
+"""`python -m copylora.demo`: write a synthetic SD1.5 A/B pair and merge B − A, like the real job.
+
+Needs no files of your own: it shows the whole merge (and which backend ran) on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from copylora import merge
+from copylora.errors import run_cli
+from copylora.synthetic import write_sd15_pair
+
+PROG = "copylora.demo"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("copylora-demo"), help="folder for A, B and the difference")
+    parser.add_argument("--new_rank", type=int, default=16, help="rank of the difference LoRA (default 16)")
+    parser.add_argument("--backend", default="auto", help="merge engine, as in copylora.merge")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    before, after = write_sd15_pair(args.out, seed=args.seed)
+    print(f"wrote synthetic SD1.5 LoRAs (264 modules, dim 8, alpha 1): {before}, {after}")
+    merge_args = [
+        "--models", str(after), str(before), "--ratios", "1", "-1",
+        "--new_rank", str(args.new_rank), "--save_precision", "fp16",
+        "--save_to", str(args.out / "difference.safetensors"), "--backend", args.backend,
+    ]
+    print("python -m copylora.merge " + shlex.join(merge_args))
+    return merge.run(merge.build_parser().parse_args(merge_args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

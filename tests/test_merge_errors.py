@@ -1,0 +1,204 @@
+"""Bad input through the CLI: one-line error naming the file/module, exit 2, no output, inputs untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from copylora.lora_file import write_lora
+from copylora.merge import main as merge_main
+from copylora.synthetic import ModuleShape, random_lora
+
+SMALL = [
+    ModuleShape("lora_unet_down_blocks_0_attentions_0_proj_in", 16, 16, (1, 1)),
+    ModuleShape("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 16, 24),
+    ModuleShape("lora_te_text_model_encoder_layers_0_mlp_fc1", 32, 16),
+]
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    write_lora(path, tensors, metadata or {"ss_network_dim": "4"})
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path) -> tuple[Path, Path]:
+    return write(tmp_path / "A.safetensors", random_lora(SMALL, 4, 1.0, 0)), write(
+        tmp_path / "B.safetensors", random_lora(SMALL, 4, 1.0, 1)
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def run_merge(capsys):
+    """The CLI in-process (its main() returns the exit code); output captured like a terminal's."""
+
+    def run(*args: str) -> Result:
+        code = merge_main([*args, "--backend", "torch"])
+        return Result(code, capsys.readouterr().err)
+
+    return run
+
+
+def assert_refused(result: Result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr  # one line (INFO lines may precede it)
+    assert errors[0].startswith("copylora.merge: error: ")
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def merge_args(models: list[Path], out: Path, *extra: str) -> list[str]:
+    return ["--models", *map(str, models), "--ratios", *(["1"] * len(models)), "--save_to", str(out), *extra]
+
+
+def check_case(run_merge, tmp_path: Path, models: list[Path], extra: list[str], needles: list[str]) -> None:
+    out = tmp_path / "out.safetensors"
+    before = {m: digest(m) for m in models if m.exists()}
+    assert_refused(run_merge(*merge_args(models, out, *extra)), *needles)
+    assert not out.exists()
+    assert {m: digest(m) for m in before} == before
+    assert not list(tmp_path.glob(".out.safetensors.*"))  # no temp file left behind
+
+
+def test_missing_file(run_merge, tmp_path, pair):
+    check_case(run_merge, tmp_path, [pair[0], tmp_path / "nope.safetensors"], [], ["nope.safetensors", "no such file"])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(run_merge, tmp_path, pair):
+    pair[1].chmod(0)
+    check_case(run_merge, tmp_path, list(pair), [], [str(pair[1]), "not readable"])
+
+
+def test_wrong_file_type(run_merge, tmp_path, pair):
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    check_case(run_merge, tmp_path, [pair[0], other], [], ["notes.txt", "unsupported file type"])
+
+
+def test_corrupt_header(run_merge, tmp_path, pair):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 8 + b"{not json")
+    check_case(run_merge, tmp_path, [pair[0], bad], [], ["bad.safetensors", "not a valid safetensors file"])
+
+
+def test_truncated_file(run_merge, tmp_path, pair):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(pair[1].read_bytes()[:-100])
+    check_case(run_merge, tmp_path, [pair[0], cut], [], ["cut.safetensors", "not a valid safetensors file"])
+
+
+def test_checkpoint_is_not_a_lora(run_merge, tmp_path, pair):
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(ckpt))
+    check_case(run_merge, tmp_path, [pair[0], ckpt], [], ["model.safetensors", "no lora_down/lora_up pairs"])
+
+
+def test_embedding_is_not_a_lora(run_merge, tmp_path, pair):
+    emb = tmp_path / "emb.pt"
+    torch.save({"emb_params": torch.zeros(2, 768)}, emb)
+    check_case(run_merge, tmp_path, [pair[0], emb], [], ["emb.pt", "not a LoRA"])
+
+
+def test_pickle_with_code_is_refused(run_merge, tmp_path, pair):
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x05echo\x94\x85\x94R\x94.")
+    check_case(run_merge, tmp_path, [pair[0], evil], [], ["evil.ckpt", "refused"])
+
+
+def test_shape_mismatch_names_module(run_merge, tmp_path, pair):
+    tensors = random_lora(SMALL, 4, 1.0, 2)
+    name = SMALL[1].name
+    tensors[f"{name}.lora_down.weight"] = torch.randn(4, 40, dtype=torch.float16)
+    other = write(tmp_path / "xl.safetensors", tensors)
+    check_case(run_merge, tmp_path, [pair[0], other], [], ["xl.safetensors", name, "different base models"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf(run_merge, tmp_path, pair, value):
+    tensors = random_lora(SMALL, 4, 1.0, 3)
+    tensors[f"{SMALL[2].name}.lora_up.weight"][0, 0] = value
+    bad = write(tmp_path / "nan.safetensors", tensors)
+    check_case(run_merge, tmp_path, [pair[0], bad], [], ["nan.safetensors", SMALL[2].name, "NaN or Inf"])
+
+
+@pytest.mark.parametrize(("fragment", "kind"), [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
+def test_lycoris_and_dora_are_refused(run_merge, tmp_path, pair, fragment, kind):
+    tensors = random_lora(SMALL, 4, 1.0, 4)
+    tensors[f"{SMALL[0].name}.{fragment}"] = torch.zeros(4, 4, dtype=torch.float16)
+    bad = write(tmp_path / "lyco.safetensors", tensors)
+    check_case(run_merge, tmp_path, [pair[0], bad], [], ["lyco.safetensors", kind])
+
+
+def test_ratio_count(run_merge, tmp_path, pair):
+    out = tmp_path / "out.safetensors"
+    assert_refused(run_merge("--models", *map(str, pair), "--ratios", "1", "--save_to", str(out)), "--ratios", "1 values for 2 models")
+    assert not out.exists()
+
+
+def test_lbws_count(run_merge, tmp_path, pair):
+    check_case(run_merge, tmp_path, list(pair), ["--lbws", "[" + ",".join(["1"] * 17) + "]"], ["--lbws", "1 vectors for 2 models"])
+
+
+def test_lbws_not_json(run_merge, tmp_path, pair):
+    check_case(run_merge, tmp_path, list(pair), ["--lbws", "[1,1", "[1]"], ["--lbws", "not JSON"])
+
+
+def test_lbws_wrong_length(run_merge, tmp_path, pair):
+    five = "[1,1,1,1,1]"
+    check_case(run_merge, tmp_path, list(pair), ["--lbws", five, five], ["--lbws", "has 5 values", "[12, 17, 20, 26]"])
+
+
+@pytest.mark.parametrize("flag", ["--new_rank", "--new_conv_rank"])
+def test_rank_below_one(run_merge, tmp_path, pair, flag):
+    check_case(run_merge, tmp_path, list(pair), [flag, "0"], [flag, "at least 1"])
+
+
+def test_save_to_is_an_input(run_merge, tmp_path, pair):
+    before = digest(pair[0])
+    result = run_merge(*merge_args(list(pair), pair[0]))
+    assert_refused(result, str(pair[0]), "one of the input models")
+    assert digest(pair[0]) == before
+
+
+def test_save_to_missing_folder(run_merge, tmp_path, pair):
+    out = tmp_path / "missing" / "out.safetensors"
+    assert_refused(run_merge(*merge_args(list(pair), out)), "missing", "does not exist")
+    assert not out.parent.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(run_merge, tmp_path, pair):
+    check_case(run_merge, tmp_path, list(pair), ["--device", "cuda"], ["--device cuda", "CUDA is not available"])
+
+
+def test_exit_code_and_message_from_a_real_process(tmp_path, pair):
+    """The same contract seen from a shell: exit status 2, the error on stderr, no traceback."""
+    out = tmp_path / "out.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "copylora.merge", *merge_args([pair[0], tmp_path / "gone.safetensors"], out)],
+        capture_output=True,
+        text=True,
+    )
+    assert_refused(Result(result.returncode, result.stderr), "gone.safetensors", "no such file")
+    assert not out.exists()
