@@ -8,6 +8,7 @@ that names the file (and module).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -185,6 +186,24 @@ def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return save(dict(tensors), metadata=dict(metadata) if metadata else None)
 
 
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """safetensors bytes with a reproducible header: metadata keys sorted, tensors by offset.
+
+    safetensors writes its metadata map in a random order per call, so equal inputs would give
+    different bytes; the tensor data (what sshs_model_hash covers) is left exactly as written.
+    """
+    raw = serialize_safetensors(tensors, metadata)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:header_end])
+    ordered: dict[str, object] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data must start 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + raw[header_end:]
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Call write(temp_path) on a temp file beside `path`, then rename it into place.
 
@@ -219,7 +238,7 @@ def write_lora(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        data = serialize_safetensors(tensors, metadata)
+        data = canonical_safetensors(tensors, metadata)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
