@@ -14,6 +14,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
 from copylora.svd_merge import PRECISIONS, MergeRequest, merge_files
@@ -49,7 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merge engine: ext = the C++/CUDA extension, torch = pure torch; "
                         "auto = ext when it is built (default: auto)")
     parser.add_argument("--clamp_quantile", type=float, default=0.99,
-                        help="clamp up/down at this quantile of their values, like stock (0.99); 1 = no clamp")
+                        help="clamp up/down at this quantile of their values, like stock (0.99); 1 = no clamp: "
+                        "the exact delta when new_rank >= the inputs' total rank")
+    parser.add_argument("--split_sv", action="store_true",
+                        help="put sqrt(S) on both up and down instead of S on up (stock): better fp16 range for large deltas")
+    parser.add_argument("--dynamic_method", type=str, default=None, choices=list(DYNAMIC_METHODS),
+                        help="choose each module's rank from its singular values like resize_lora.py; "
+                        "--new_rank / --new_conv_rank become the maximum")
+    parser.add_argument("--dynamic_param", type=float, default=None,
+                        help="target of --dynamic_method: sv_ratio: largest/smallest kept value (>= 1); "
+                        "sv_fro: fraction of the Frobenius norm kept; sv_cumulative: fraction of the sum of values kept")
+    parser.add_argument("--report", action="store_true",
+                        help="measure the saved file against the exact delta and print the totals "
+                        "(retained energy, clamp and rounding loss) in the last line")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or INFO lines; only the summary")
     return parser
 
@@ -68,6 +81,10 @@ def request_from_args(args: argparse.Namespace) -> MergeRequest:
         no_metadata=args.no_metadata,
         backend=args.backend,
         clamp_quantile=args.clamp_quantile,
+        sqrt_split=args.split_sv,
+        dynamic_method=args.dynamic_method,
+        dynamic_param=args.dynamic_param,
+        report=args.report,
     )
 
 

@@ -7,6 +7,7 @@ minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -17,7 +18,10 @@ from typing import Callable
 import torch
 
 from copylora import kohya_metadata
-from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
+from copylora.dynamic_rank import dynamic_rank, validate_dynamic
+from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, merge_jobs
+from copylora.engine.reference import stacked_factors
+from copylora.fidelity import ModuleFidelity, Summary, as_factors, measure_module, totals_line
 from copylora.errors import CopyloraError
 from copylora.lora_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoraFile, LoraModule, read_lora, write_lora
 from copylora.naming import BlockWeights, parse_lbws
@@ -25,6 +29,7 @@ from copylora.naming import BlockWeights, parse_lbws
 logger = logging.getLogger("copylora")
 
 PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DYNAMIC = "Dynamic"  # what resize_lora writes as ss_network_dim/alpha when ranks vary per module
 
 
 @dataclass
@@ -43,6 +48,14 @@ class MergeRequest:
     no_metadata: bool = False
     backend: str = "auto"
     clamp_quantile: float = 0.99
+    sqrt_split: bool = False  # √S on up and down instead of S on up
+    dynamic_method: str | None = None  # resize_lora's sv_ratio / sv_fro / sv_cumulative
+    dynamic_param: float | None = None
+    report: bool = False  # measure the result against the exact delta
+
+    @property
+    def dynamic(self) -> bool:
+        return self.dynamic_method is not None
 
     @property
     def conv_rank(self) -> int:
@@ -57,13 +70,15 @@ class MergeSummary:
     ranks: Counter = field(default_factory=Counter)  # rank -> number of modules
     seconds_total: float = 0.0
     seconds_engine: float = 0.0
+    fidelity: str | None = None  # fidelity.totals_line(), with --report
 
     def line(self) -> str:
         ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(self.ranks.items()))
-        return (
+        line = (
             f"merged {self.modules} modules ({ranks}) with backend {self.backend} "
             f"in {self.seconds_total:.2f} s (engine {self.seconds_engine:.3f} s) -> {self.output}"
         )
+        return f"{line}; {self.fidelity}" if self.fidelity else line
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,7 @@ def validate_request(request: MergeRequest) -> None:
         raise CopyloraError(f"--new_conv_rank: must be at least 1, got {request.new_conv_rank}")
     if not 0.0 < request.clamp_quantile <= 1.0:
         raise CopyloraError(f"--clamp_quantile: must be in (0, 1], got {request.clamp_quantile}")
+    validate_dynamic(request.dynamic_method, request.dynamic_param)
     if request.save_to is None:
         raise CopyloraError("--save_to: give the output file (.safetensors, .ckpt or .pt)")
     save_to = Path(request.save_to)
@@ -167,9 +183,19 @@ def build_metadata(
 ) -> dict[str, str]:
     base = kohya_metadata.BaseModelInfo.from_metadata([f.metadata for f in files])
     conv_rank = request.conv_rank
-    metadata = kohya_metadata.network_metadata(
-        base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
-    )
+    if request.dynamic:
+        # resize_lora's convention for per-module ranks; its comment says how they were chosen
+        metadata = kohya_metadata.network_metadata(
+            base, DYNAMIC, DYNAMIC, {"conv_dim": DYNAMIC, "conv_alpha": DYNAMIC}
+        )
+        metadata["ss_training_comment"] = (
+            f"Dynamic rank with {request.dynamic_method}: {request.dynamic_param}, "
+            f"max rank {request.new_rank} (conv: {conv_rank})"
+        )
+    else:
+        metadata = kohya_metadata.network_metadata(
+            base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
+        )
     metadata.update(kohya_metadata.weight_hashes(tensors, metadata))
     if not request.no_metadata:
         if base.is_v2:
@@ -178,6 +204,50 @@ def build_metadata(
             kohya_metadata.modelspec_metadata(base, title=Path(request.save_to).stem, merged_from=[f.title for f in files])
         )
     return metadata
+
+
+def apply_dynamic_ranks(
+    planned: list[PlannedModule], result: EngineResult, request: MergeRequest, options: SvdOptions
+) -> list[PlannedModule]:
+    """Give each module the rank --dynamic_method picks from its spectrum (the first pass ran at
+    the cap, so every singular value is known) and make result.modules hold that rank.
+
+    Without clamp the leading columns of the first pass are the answer; the clamp depends on
+    the kept values, so clamped modules whose rank changed are merged again.
+    """
+    assert request.dynamic_method is not None and request.dynamic_param is not None
+    chosen: list[PlannedModule] = []
+    changed: list[ModuleJob] = []
+    for plan in planned:
+        job, merged = plan.job, result.modules[plan.job.name]
+        rank = dynamic_rank(
+            merged.singular_values, job.rank, min(job.out_features, job.in_features),
+            request.dynamic_method, request.dynamic_param,
+        )
+        if rank != job.rank:
+            job = dataclasses.replace(job, rank=rank)
+            changed.append(job)
+            result.modules[job.name] = MergedModule(merged.up[:, :rank], merged.down[:rank], merged.singular_values)
+        chosen.append(dataclasses.replace(plan, job=job))
+    if options.clamps and changed:
+        again = merge_jobs(changed, options, backend=request.backend, device=request.device or "cpu")
+        result.modules.update(again.modules)
+        result.seconds += again.seconds
+    return chosen
+
+
+def measure_merge(
+    planned: list[PlannedModule], merged: dict[str, MergedModule], tensors: dict[str, torch.Tensor]
+) -> list[ModuleFidelity]:
+    """--report: each saved module against the exact delta of its inputs."""
+    measured = []
+    for plan in planned:
+        name, result = plan.job.name, merged[plan.job.name]
+        saved = as_factors(tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"])  # alpha = rank
+        measured.append(
+            measure_module(name, stacked_factors(plan.job), plan.job.rank, as_factors(result.up, result.down), saved, saved)
+        )
+    return measured
 
 
 def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] | None = None) -> MergeSummary:
@@ -198,13 +268,16 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
 
     planned = plan_modules(files, request.ratios, lbws, request)
     logger.info("new rank: %d, new conv rank: %d; merging %d modules", request.new_rank, request.conv_rank, len(planned))
+    options = SvdOptions(clamp_quantile=request.clamp_quantile, sqrt_split=request.sqrt_split)
     result = merge_jobs(
         [p.job for p in planned],
-        SvdOptions(clamp_quantile=request.clamp_quantile),
+        options,
         backend=request.backend,
         device=request.device or "cpu",
         on_progress=on_progress,
     )
+    if request.dynamic:
+        planned = apply_dynamic_ranks(planned, result, request, options)
 
     merge_dtype = PRECISIONS[request.precision]
     save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
@@ -213,6 +286,10 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
     metadata = build_metadata(request, files, tensors)
     logger.info("saving model to: %s", request.save_to)
     write_lora(request.save_to, tensors, metadata)
+    fidelity = None
+    if request.report:
+        total = Summary("total", measure_merge(planned, result.modules, tensors))
+        fidelity = totals_line(total, request.save_precision or request.precision)
     return MergeSummary(
         output=Path(request.save_to),
         backend=result.backend,
@@ -220,4 +297,5 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
         ranks=Counter(p.job.rank for p in planned),
         seconds_total=time.perf_counter() - start,
         seconds_engine=result.seconds,
+        fidelity=fidelity,
     )
