@@ -1,10 +1,11 @@
 """Dump the options of a kohya training script's parser as JSON (run by the kohya checkout's own Python).
 
-usage: python _kohya_probe.py SD_SCRIPTS_DIR SCRIPT.py OUT.json
+usage: python -c "$(cat _kohya_probe.py)" SD_SCRIPTS_DIR SCRIPT.py OUT.json
 
-copylora runs this file, by path, with the Python that will train, so the options it validates a
-config against are those of the user's checkout, whatever its version. It uses only the standard
-library besides what the script imports itself (torch among them, asked whether CUDA works here).
+copylora runs this file's text with `-c` (so that no copylora folder lands on sys.path), with the
+Python that will train, so the options it validates a config against are those of the user's
+checkout, whatever its version. It uses only the standard library besides what the script imports
+itself (torch among them, asked whether CUDA works here).
 The output has the layout of kohya's parser dumps in shared/kohya/: script, source, options.
 """
 

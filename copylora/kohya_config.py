@@ -113,8 +113,10 @@ class KohyaOptions:
         with tempfile.TemporaryDirectory(prefix="copylora-probe-") as tmp:
             out = Path(tmp) / "options.json"
             try:
+                # -c, not the file's path: run by path, copylora/ would lead sys.path and its
+                # inspect.py would shadow the standard library's for everything kohya imports
                 done = subprocess.run(
-                    [python, str(probe), str(sd_scripts), script, str(out)],
+                    [python, "-c", probe.read_text(encoding="utf-8"), str(sd_scripts), script, str(out)],
                     cwd=sd_scripts, capture_output=True, text=True, errors="replace", timeout=600,
                 )
             except (OSError, subprocess.TimeoutExpired) as exc:

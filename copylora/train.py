@@ -73,7 +73,7 @@ def accelerate_args(args: argparse.Namespace) -> list[str]:
 
 def warn(prog: str, job: kohya_job.TrainJob) -> None:
     for warning in job.config.warnings:
-        print(f"{prog}: warning: {job.name}: {warning}", file=sys.stderr)
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

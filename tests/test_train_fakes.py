@@ -25,6 +25,8 @@ FAKE_SCRIPT = textwrap.dedent('''
     DUMP = {dump!r}
 
     def setup_parser():
+        # the probe must not put copylora's package folder on sys.path (its inspect.py would shadow the stdlib's)
+        assert not any(os.path.isfile(os.path.join(p or ".", "_kohya_probe.py")) for p in sys.path), sys.path
         parser = argparse.ArgumentParser()
         for o in json.load(open(DUMP))["options"]:
             if o["action"] == "_HelpAction":
