@@ -8,6 +8,7 @@ The `kohya`-marked test at the end runs against a real checkout named by COPYLOR
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import shutil
@@ -132,7 +133,9 @@ def fake_copylora(tmp_path: Path) -> Path:
     return folder
 
 
-def run_script(cwd: Path, script: str, args: list[str], pythonpath: list[Path] | None, **env) -> subprocess.CompletedProcess:
+def run_script(
+    cwd: Path, script: str, args: list[str], pythonpath: list[Path] | None, **env: str
+) -> subprocess.CompletedProcess:
     environ = env_with(pythonpath)
     environ.update(env)
     return subprocess.run(
@@ -386,8 +389,9 @@ def test_shim_source_is_found_and_marked() -> None:
     assert path == REPO / "sd_scripts_patch" / "svd_merge_lora.py"
     assert sd_scripts.shim_version(path.read_bytes()) == 1
     assert sd_scripts.shim_version(STANDIN_ORIGINAL) is None
-    import sd_scripts_patch.svd_merge_lora as shim_module  # importing it runs nothing
-
+    spec = importlib.util.spec_from_file_location("copylora_shim_under_test", path)
+    shim_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim_module)  # importing it (not as __main__) runs nothing
     assert shim_module.KEPT_ORIGINAL == sd_scripts.KEPT and shim_module.SIDECAR == sd_scripts.SIDECAR
 
 
@@ -441,8 +445,8 @@ def test_fallback_passes_a_crash_through(checkout: Path, tmp_path: Path) -> None
 def test_copylora_use_original_runs_the_original_quietly(checkout: Path, tmp_path: Path) -> None:
     sd_scripts.install(checkout)
     out = tmp_path / "out.safetensors"
-    proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out)], [fake_copylora(tmp_path), checkout],
-                      COPYLORA_USE_ORIGINAL="1")
+    proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out)],
+                      [fake_copylora(tmp_path), checkout], COPYLORA_USE_ORIGINAL="1")
     assert proc.returncode == 0 and proc.stderr == ""
     assert Path(str(out) + ".original.json").exists() and not Path(str(out) + ".copylora.json").exists()
 
@@ -453,7 +457,8 @@ def test_after_uninstall_the_stock_script_runs_again(gui_root: Path, tmp_path: P
     sd_scripts.uninstall(sd_scripts.find_checkout(gui_root))
     out = tmp_path / "out.safetensors"
     # Kohya's GUI runs it from its own root: python sd-scripts/networks/svd_merge_lora.py ...
-    proc = run_script(gui_root, "sd-scripts/networks/svd_merge_lora.py", ["--save_to", str(out)], [fake_copylora(tmp_path), root])
+    proc = run_script(gui_root, "sd-scripts/networks/svd_merge_lora.py", ["--save_to", str(out)],
+                      [fake_copylora(tmp_path), root])
     assert proc.returncode == 0, proc.stderr
     assert Path(str(out) + ".original.json").exists() and not Path(str(out) + ".copylora.json").exists()
 
@@ -521,7 +526,8 @@ def test_patched_script_writes_what_copylora_merge_writes(tmp_path: Path, layout
     assert shim_meta == direct_meta and "ss_network_dim" in shim_meta
 
     # a bad flag is refused the way copylora.merge refuses it: exit code 2, no traceback
-    bad = run_script(cwd, script, [*stock_flags, "--save_to", str(tmp_path / "x.safetensors"), "--no_such_flag"], [REPO])
+    bad_args = [*stock_flags, "--save_to", str(tmp_path / "x.safetensors"), "--no_such_flag"]
+    bad = run_script(cwd, script, bad_args, [REPO])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
@@ -544,7 +550,10 @@ def test_real_checkout_accepts_every_stock_flag(tmp_path: Path) -> None:
         pytest.skip("set COPYLORA_SD_SCRIPTS to an sd-scripts checkout")
     root = tmp_path / "sd-scripts"
     shutil.copytree(real, root, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    if sd_scripts.inspect(root).kind != sd_scripts.NOT_INSTALLED:  # the given checkout is patched already
+        sd_scripts.uninstall(root)
     original = (root / NETWORKS / "svd_merge_lora.py").read_bytes()
+    assert sd_scripts.shim_version(original) is None
     sd_scripts.install(root)
     flags = stock_flags(root / NETWORKS / sd_scripts.KEPT)
     write_lora(tmp_path / "A.safetensors", 1)
