@@ -47,7 +47,10 @@ def extension():
 
 
 setup(
-    packages=["copylora", "copylora.engine"],
+    # the sd-scripts shim ships inside the package, from its one source in sd_scripts_patch/
+    packages=["copylora", "copylora.engine", "copylora.sd_scripts_patch"],
+    package_dir={"copylora.sd_scripts_patch": "sd_scripts_patch"},
+    package_data={"copylora.sd_scripts_patch": ["README.md"]},
     ext_modules=[extension()] if glob.glob(os.path.join(CSRC, "*.cpp")) else [],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
