@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from copylora import doctor
 from copylora.engine import merge_jobs, ops, reference
 from copylora.engine.jobs import ModuleJob, SvdOptions
 from copylora.lora_file import read_lora
@@ -220,3 +221,17 @@ def test_ci_built_the_extension():
     if os.environ.get("COPYLORA_REQUIRE_EXT") != "1":
         pytest.skip("COPYLORA_REQUIRE_EXT is not set (only CI requires the extension)")
     assert EXT.available, f"copylora._C did not load: {EXT.error}"
+
+
+def test_doctor_says_which_backend(capsys):
+    assert doctor.main([]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text
+    if EXT.available:
+        assert "copylora._C: built, CPU" in text and "--backend auto on cpu: ext (C++ CPU)" in text
+    else:
+        assert f"copylora._C: not loaded: {EXT.error}" in text
+    broken = ops.ExtensionStatus(available=False, error="ImportError: undefined symbol")
+    assert doctor.auto_choice(broken, "cpu") == "torch (copylora._C did not load: ImportError: undefined symbol)"
+    cpu_only = ops.ExtensionStatus(available=True, cpu=True)
+    assert doctor.auto_choice(cpu_only, "cuda") == "torch (copylora._C was built without CUDA kernels)"

@@ -24,19 +24,23 @@ import torch
 class ExtensionStatus:
     available: bool
     error: str | None = None
+    cpu: bool = False  # the build carries CPU kernels
     cuda: bool = False  # the build carries CUDA kernels
+    path: str | None = None  # where the loaded extension lives
 
 
 @lru_cache(maxsize=1)
 def load_status() -> ExtensionStatus:
     """Import copylora._C once; say why not when it fails (never silently)."""
     try:
-        from copylora import _C  # noqa: F401  (registers the ops)
+        from copylora import _C  # registers the ops
     except (ImportError, OSError) as exc:
         return ExtensionStatus(available=False, error=f"{type(exc).__name__}: {exc}")
     _register_fake()
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("copylora::merge_group", "CUDA")
-    return ExtensionStatus(available=True, cuda=has_cuda)
+    def has_kernel(key: str) -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("copylora::merge_group", key)
+
+    return ExtensionStatus(available=True, cpu=has_kernel("CPU"), cuda=has_kernel("CUDA"), path=_C.__file__)
 
 
 def _register_fake() -> None:
