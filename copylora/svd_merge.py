@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from copylora import kohya_metadata
+from copylora.conditioning import orthonormal_down
 from copylora.dynamic_rank import dynamic_rank, validate_dynamic
 from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.engine.reference import stacked_factors
@@ -269,8 +270,10 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
     planned = plan_modules(files, request.ratios, lbws, request)
     logger.info("new rank: %d, new conv rank: %d; merging %d modules", request.new_rank, request.conv_rank, len(planned))
     options = SvdOptions(clamp_quantile=request.clamp_quantile, sqrt_split=request.sqrt_split)
+    # exact mode promises the delta to float32 precision, which cancelling inputs need conditioning for
+    engine_jobs = [p.job if options.clamps else orthonormal_down(p.job) for p in planned]
     result = merge_jobs(
-        [p.job for p in planned],
+        engine_jobs,
         options,
         backend=request.backend,
         device=request.device or "cpu",
