@@ -47,10 +47,11 @@ def extension():
 
 
 setup(
-    # the sd-scripts shim ships inside the package, from its one source in sd_scripts_patch/
-    packages=["copylora", "copylora.engine", "copylora.sd_scripts_patch"],
-    package_dir={"copylora.sd_scripts_patch": "sd_scripts_patch"},
-    package_data={"copylora.sd_scripts_patch": ["README.md"]},
+    # the sd-scripts shim and the training presets ship inside the package, from their one
+    # source each in sd_scripts_patch/ and configs/
+    packages=["copylora", "copylora.engine", "copylora.sd_scripts_patch", "copylora.configs"],
+    package_dir={"copylora.sd_scripts_patch": "sd_scripts_patch", "copylora.configs": "configs"},
+    package_data={"copylora.sd_scripts_patch": ["README.md"], "copylora.configs": ["*.toml"]},
     ext_modules=[extension()] if glob.glob(os.path.join(CSRC, "*.cpp")) else [],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

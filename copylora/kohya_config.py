@@ -29,7 +29,14 @@ else:  # Python 3.10: the same parser, as a package
     except ImportError:
         tomllib = None
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _presets_dir() -> Path:
+    """configs/ of a source checkout or editable install, else the copy a wheel ships as copylora/configs."""
+    package = Path(__file__).resolve().parent
+    source = package.parent / "configs"
+    return source if source.is_dir() else package / "configs"
+
+
+PRESETS_DIR = _presets_dir()
 SD15_PRESET = "copy_machine_sd15"
 SDXL_PRESET = "copy_machine_sdxl"
 SCRIPTS = ("train_network.py", "sdxl_train_network.py")
