@@ -38,9 +38,8 @@ def extension():
     if want_cuda() and cuda_sources:
         return CUDAExtension(
             sources=cpp_sources + cuda_sources,
-            define_macros=[("COPYLORA_WITH_CUDA", None)],
+            # cuBLAS/cuSOLVER are reached through ATen (libtorch_cuda), so nothing else is linked.
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
-            libraries=["cusolver", "cublas"],
             **common,
         )
     return CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **common)

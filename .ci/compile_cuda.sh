@@ -59,7 +59,7 @@ for source in "${sources[@]}"; do
   echo "nvcc -arch=$ARCH: ${source#"$ROOT"/}"
   # The flags torch's BuildExtension passes to nvcc, so this compiles what setup.py would.
   if ! "$NVCC" -std=c++20 -arch="$ARCH" -O3 -c "$source" -o "$object" "${includes[@]}" \
-      -DCOPYLORA_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+      -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --compiler-options '-fPIC' \
       -Werror all-warnings; then

@@ -1,0 +1,109 @@
+"""The CUDA kernels of copylora._C against the pure-torch reference (skipped without a GPU).
+
+Everything the CPU tests check, on the device: the Jacobi core SVD (and ATen's SVD for cores too
+big for shared memory), the fused assembly from fp16/bf16, the sign fix, and the radix-select
+clamp. Where there is no GPU, .ci/compile_cuda.sh still compiles the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from copylora.engine import merge_jobs, ops
+from copylora.engine.jobs import SvdOptions
+from tests.test_engine import DTYPES, EXT, assert_matches_reference, golden_jobs, random_job
+from tests.conftest import GOLDEN
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(not EXT.available, reason=f"copylora._C not built ({EXT.error})"),
+]
+
+
+def run_cuda(jobs, options):
+    result = merge_jobs(jobs, options, backend="ext", device="cuda")
+    assert result.backend == "ext (C++ CUDA)"
+    return result
+
+
+def test_build_has_cuda_kernels():
+    """Where torch sees a GPU, the extension must have been built with its CUDA kernels."""
+    if os.environ.get("COPYLORA_REQUIRE_EXT") != "1" and not EXT.cuda:
+        pytest.skip("copylora._C was built without CUDA (only CI requires it)")
+    assert EXT.cuda
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    out=st.integers(1, 160),
+    in_features=st.integers(1, 160),
+    conv=st.booleans(),
+    input_ranks=st.lists(st.integers(1, 128), min_size=1, max_size=5).map(tuple),
+    rank=st.integers(1, 128),
+    modules=st.integers(1, 3),
+    dtype=st.sampled_from(DTYPES),
+    clamp=st.sampled_from([0.99, 1.0, 0.5, 0.0]),
+    sqrt_split=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cuda_matches_reference(out, in_features, conv, input_ranks, rank, modules, dtype, clamp, sqrt_split, seed):
+    gen = torch.Generator().manual_seed(seed)
+    in_flat = in_features * (9 if conv else 1)
+    scales = [1.0, -1.0, 0.5, -2.0, 0.75][: len(input_ranks)]
+    jobs = [random_job(gen, f"m{b}", out, in_flat, input_ranks, scales, rank, dtype) for b in range(modules)]
+    options = SvdOptions(clamp_quantile=clamp, sqrt_split=sqrt_split)
+    result = run_cuda(jobs, options)
+    for job in jobs:
+        assert_matches_reference(job, result.modules[job.name], options)
+
+
+@pytest.mark.parametrize(
+    "input_ranks",
+    [(1,), (8, 8), (33,), (64, 64), (16,) * 10, (128, 128, 64)],  # the last core is too big for shared memory
+    ids=["r1", "8+8", "odd33", "64+64", "10x16", "320"],
+)
+def test_core_sizes(input_ranks):
+    gen = torch.Generator().manual_seed(7)
+    total = sum(input_ranks)
+    jobs = [random_job(gen, f"m{b}", total + 50, 2 * total + 3, input_ranks, [1.0, -1.0] * 8, 16) for b in range(4)]
+    options = SvdOptions()
+    result = run_cuda(jobs, options)
+    for job in jobs:
+        assert_matches_reference(job, result.modules[job.name], options)
+
+
+@pytest.mark.parametrize(
+    ("folder", "rank", "conv_rank"),
+    [("real_sd15", 16, 16), ("real_sd15", 8, 8), ("sdxl_subset", 16, 16), ("synth_sd15_conv", 16, 8)],
+)
+def test_golden_modules_on_cuda(folder, rank, conv_rank):
+    jobs = golden_jobs(GOLDEN / folder, rank, conv_rank)
+    options = SvdOptions()
+    result = run_cuda(jobs, options)
+    for job in jobs:
+        assert_matches_reference(job, result.modules[job.name], options)
+
+
+def test_opcheck_on_cuda():
+    gen = torch.Generator().manual_seed(4)
+    job = random_job(gen, "m", 24, 40, (4, 4), [1.0, -1.0], 6)
+    args = ([u.cuda() for u in job.ups], [d.cuda() for d in job.downs], torch.tensor([job.scales]).cuda(), [6], 0.99, False)
+    torch.library.opcheck(torch.ops.copylora.merge_group.default, args)
+
+
+def test_clamp_level_on_cuda():
+    """The radix-select clamp lands exactly on torch.quantile's level, as the CPU one does."""
+    gen = torch.Generator().manual_seed(5)
+    job = random_job(gen, "m", 300, 700, (8, 8), [1.0, -1.0], 16)
+    args = ([u.cuda() for u in job.ups], [d.cuda() for d in job.downs], torch.tensor([job.scales]).cuda(), [16])
+    up, down, _ = ops.merge_group(*args, 1.0, False)
+    level = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
+    clamped_up, clamped_down, _ = ops.merge_group(*args, 0.99, False)
+    torch.testing.assert_close(clamped_up, up.clamp(-level, level), rtol=0, atol=0)
+    torch.testing.assert_close(clamped_down, down.clamp(-level, level), rtol=0, atol=0)
