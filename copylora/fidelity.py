@@ -148,12 +148,18 @@ class Summary:
         return max(self.module_errors, default=0.0)
 
 
+def block_order(label: str) -> tuple[int, str]:
+    """Text encoders, then the U-Net from input to output (down/in, mid, up/out), then the rest."""
+    stages = (("te", 0), ("down_", 1), ("in_", 1), ("mid", 2), ("up_", 3), ("out_", 3))
+    return next((rank for prefix, rank in stages if label.startswith(prefix)), 4), label
+
+
 def block_summaries(modules: Iterable[ModuleFidelity]) -> list[Summary]:
-    """One Summary per block, in order of first appearance."""
+    """One Summary per block, in the U-Net's order."""
     blocks: dict[str, list[ModuleFidelity]] = {}
     for module in modules:
         blocks.setdefault(module.block, []).append(module)
-    return [Summary(label, members) for label, members in blocks.items()]
+    return [Summary(label, blocks[label]) for label in sorted(blocks, key=block_order)]
 
 
 def totals_line(total: Summary, save_dtype: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from copylora.engine import ModuleJob, SvdOptions, merge_jobs
 from copylora.engine.reference import stacked_factors, thin_svd
 from copylora.errors import CopyloraError
-from copylora.fidelity import ModuleFidelity, as_factors, measure_module
+from copylora.fidelity import ModuleFidelity, as_factors, block_order, measure_module
 from copylora.lora_file import LoraFile, LoraModule, read_lora
 from copylora.naming import block_group, parse_lbws
 from copylora.spectrum_plot import Spectrum
@@ -186,4 +186,5 @@ def rank_rows(inspection: Inspection) -> tuple[tuple[str, ...], list[tuple[str, 
         return (label, str(len(members)), str(low) if low == high else f"{low}-{high}", f"{norm:.4g}")
 
     header = ("block", "modules", "rank", "|delta|_F")
-    return header, [row(label, members) for label, members in blocks.items()], row("total", inspection.spectra)
+    rows = [row(label, blocks[label]) for label in sorted(blocks, key=block_order)]
+    return header, rows, row("total", inspection.spectra)

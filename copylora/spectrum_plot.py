@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from copylora.errors import CopyloraError
+from copylora.fidelity import block_order
 from copylora.naming import block_group
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -56,7 +57,8 @@ def plot_spectra(spectra: list[Spectrum], path: Path, title: str) -> None:
     # a Figure without pyplot: no global state, no GUI backend
     figure = figure_class(figsize=(3.2 * COLUMNS, 2.4 * rows + 0.6), dpi=72, layout="constrained")
     axes = figure.subplots(rows, COLUMNS, squeeze=False, sharey=True)
-    for ax, (label, members) in zip(axes.flat, blocks.items()):
+    for ax, label in zip(axes.flat, sorted(blocks, key=block_order)):
+        members = blocks[label]
         for spectrum in members:
             s = spectrum.singular_values.double()
             if s.numel() == 0 or float(s[0]) <= 0.0:
