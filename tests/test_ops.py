@@ -98,12 +98,15 @@ def test_bad_arguments_are_named(mutate, message):
         ops.merge_group(**args)
 
 
-def test_clamp_level_is_the_linear_quantile():
-    """After the clamp, the largest |value| is exactly stock's quantile of the unclamped values."""
-    ups, downs, scales, ranks = group_args(modules=1, out=50, in_features=70, input_ranks=(6, 6), ranks=(9,))
+@pytest.mark.parametrize("quantile", [0.99, 0.9, 0.5, 0.01, 0.0])
+@pytest.mark.parametrize(("out", "in_features"), [(50, 70), (300, 2000)], ids=["small", "sampled"])
+def test_clamp_level_is_the_linear_quantile(quantile, out, in_features):
+    """The clamp level is exactly torch.quantile's (small modules select on a full copy, large
+    ones through a sampled bracket)."""
+    ups, downs, scales, ranks = group_args(modules=1, out=out, in_features=in_features, input_ranks=(6, 6), ranks=(9,))
     up, down, _ = ops.merge_group(ups, downs, scales, ranks, 1.0, False)
-    joined = torch.cat([up.flatten(), down.flatten()])
-    level = torch.quantile(joined, 0.99)
-    clamped_up, clamped_down, _ = ops.merge_group(ups, downs, scales, ranks, 0.99, False)
+    joined = torch.cat([up[0, :, :9].flatten(), down[0, :9].flatten()])
+    level = torch.quantile(joined, quantile)
+    clamped_up, clamped_down, _ = ops.merge_group(ups, downs, scales, ranks, quantile, False)
     torch.testing.assert_close(clamped_up, up.clamp(-level, level), rtol=0, atol=0)
     torch.testing.assert_close(clamped_down, down.clamp(-level, level), rtol=0, atol=0)

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -77,30 +79,91 @@ void write_factors(const GroupShape& g, const float* u, const float* s, const fl
   }
 }
 
-// Stock's clamp of up and down to +-(q-quantile of their joined values), with the quantile found
-// by selection (O(n)) rather than torch.quantile's sort.
+// Calls f(value) for every value clamped together for a module: up[:, :rank], then down[:rank].
+template <typename F>
+void for_each_clamped(const GroupShape& g, int64_t rank, float* up, float* down, F&& f) {
+  for (int64_t row = 0; row < g.out; ++row) {
+    float* up_row = up + row * g.max_rank;
+    for (int64_t j = 0; j < rank; ++j) {
+      f(up_row[j]);
+    }
+  }
+  for (int64_t e = 0; e < rank * g.in; ++e) {
+    f(down[e]);
+  }
+}
+
+// The order statistics k and k + 1 (0-based; k + 1 clipped to the last) of a module's clamped
+// values. torch.quantile sorts; nth_element on a copy is O(n) but still moves every value. Here a
+// small strided sample brackets the two statistics, one pass counts the values below the bracket
+// and copies the few inside it, and nth_element runs on those only. If the sample misled (values
+// with a pathological layout), the exact full selection runs instead.
+std::pair<float, float> select_pair(const GroupShape& g, int64_t rank, float* up, float* down, int64_t k,
+                                    std::vector<float>& buffer) {
+  const int64_t count = (g.out + g.in) * rank;
+  const int64_t next = std::min(k + 1, count - 1);
+  auto from_sorted = [&](std::vector<float>& values, int64_t at, int64_t at_next) {
+    std::nth_element(values.begin(), values.begin() + at, values.end());
+    const float value = values[at];
+    // Only values >= values[at] follow it now: the next statistic is their minimum.
+    const float following = at_next == at ? value : *std::min_element(values.begin() + at + 1, values.end());
+    return std::make_pair(value, following);
+  };
+  constexpr int64_t kSample = 2048;
+  if (count > 4 * kSample) {
+    const int64_t stride = count / kSample;
+    buffer.clear();
+    for (int64_t e = 0; e < count; e += stride) {
+      buffer.push_back(*clamp_element(up, down, g.out, g.in, g.max_rank, rank, e));
+    }
+    const int64_t samples = static_cast<int64_t>(buffer.size());
+    const double p = static_cast<double>(k) / count;
+    const int64_t margin = 8 + static_cast<int64_t>(4.0 * std::sqrt(samples * p * (1.0 - p)));
+    const int64_t lo_rank = static_cast<int64_t>(p * samples) - margin;
+    const int64_t hi_rank = static_cast<int64_t>(static_cast<double>(next + 1) / count * samples) + margin;
+    float lo = -std::numeric_limits<float>::infinity();
+    float hi = std::numeric_limits<float>::infinity();
+    if (lo_rank >= 0) {
+      std::nth_element(buffer.begin(), buffer.begin() + lo_rank, buffer.end());
+      lo = buffer[lo_rank];
+    }
+    if (hi_rank < samples) {
+      std::nth_element(buffer.begin(), buffer.begin() + hi_rank, buffer.end());
+      hi = buffer[hi_rank];
+    }
+    int64_t below_lo = 0;
+    buffer.clear();
+    for_each_clamped(g, rank, up, down, [&](float x) {
+      if (x < lo) {
+        ++below_lo;
+      } else if (x <= hi) {
+        buffer.push_back(x);
+      }
+    });
+    if (below_lo <= k && next < below_lo + static_cast<int64_t>(buffer.size())) {
+      return from_sorted(buffer, k - below_lo, next - below_lo);
+    }
+  }
+  buffer.clear();
+  for_each_clamped(g, rank, up, down, [&](float x) { buffer.push_back(x); });
+  return from_sorted(buffer, k, next);
+}
+
+// Stock's clamp of up and down to +-(q-quantile of their joined values), with torch.quantile's
+// linear interpolation between the two neighbouring order statistics.
 void clamp_module(const GroupShape& g, int64_t rank, float quantile, float* up, float* down,
-                  std::vector<float>& scratch) {
+                  std::vector<float>& buffer) {
   const int64_t count = (g.out + g.in) * rank;
   if (count == 0) {
     return;
   }
-  scratch.resize(count);
-  for (int64_t e = 0; e < count; ++e) {
-    scratch[e] = *clamp_element(up, down, g.out, g.in, g.max_rank, rank, e);
-  }
   const QuantilePosition pos = quantile_position(quantile, count);
-  std::nth_element(scratch.begin(), scratch.begin() + pos.below, scratch.end());
-  const float below = scratch[pos.below];
-  // nth_element leaves only values >= scratch[below] after it, so the next order statistic is
-  // their minimum.
-  const float above =
-      pos.above == pos.below ? below : *std::min_element(scratch.begin() + pos.below + 1, scratch.end());
-  const float hi = lerp_like_torch(below, above, pos.weight);
-  for (int64_t e = 0; e < count; ++e) {
-    float* x = clamp_element(up, down, g.out, g.in, g.max_rank, rank, e);
-    *x = std::min(std::max(*x, -hi), hi);
+  auto [below, above] = select_pair(g, rank, up, down, pos.below, buffer);
+  if (pos.above == pos.below) {
+    above = below;
   }
+  const float hi = lerp_like_torch(below, above, pos.weight);
+  for_each_clamped(g, rank, up, down, [&](float& x) { x = std::min(std::max(x, -hi), hi); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
@@ -153,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
     s = s.contiguous();
     vh = vh.contiguous();
     singular.slice(0, begin, end).copy_(s);
-    std::vector<float> scratch;
+    std::vector<float> buffer;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i = b - begin;
       float* up_b = up_data + b * g.out * g.max_rank;
@@ -162,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
                     vh.const_data_ptr<float>() + i * kk * g.in, kk, std::min(ranks[b], g.singular),
                     sqrt_split, up_b, down_b);
       if (clamps) {
-        clamp_module(g, ranks[b], quantile, up_b, down_b, scratch);
+        clamp_module(g, ranks[b], quantile, up_b, down_b, buffer);
       }
     }
   });
