@@ -19,36 +19,19 @@
 namespace copylora {
 namespace {
 
-// P[b] = [s_1 U_1 ... s_n U_n] (out x R) and Q[b] = [D_1; ...; D_n] (R x in), cast to float32
-// in the same pass that copies them; any strides, any float dtype.
+// P[b] = [s_1 U_1 ... s_n U_n] (out x R) and Q[b] = [D_1; ...; D_n] (R x in), float32, written in
+// place through views of the batched buffers: ATen's vectorised copy does the dtype cast (fp16
+// and bf16 included) and reads any strides; the scale is applied to the small up block after.
 void assemble_module(const GroupShape& g, at::TensorList ups, at::TensorList downs,
                      const float* scales, int64_t b, float* p, float* q) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
   for (int64_t i = 0; i < g.inputs; ++i) {
-    const at::Tensor& up = ups[b * g.inputs + i];
-    const at::Tensor& down = downs[b * g.inputs + i];
     const int64_t r = g.input_ranks[i];
     const int64_t offset = g.offsets[i];
-    const float scale = scales[b * g.inputs + i];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, up.scalar_type(), "assemble_up", [&] {
-      const scalar_t* src = up.const_data_ptr<scalar_t>();
-      const int64_t s0 = up.stride(0), s1 = up.stride(1);
-      for (int64_t row = 0; row < g.out; ++row) {
-        float* dst = p + row * g.total_rank + offset;
-        for (int64_t col = 0; col < r; ++col) {
-          dst[col] = scale * static_cast<float>(src[row * s0 + col * s1]);
-        }
-      }
-    });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, down.scalar_type(), "assemble_down", [&] {
-      const scalar_t* src = down.const_data_ptr<scalar_t>();
-      const int64_t s0 = down.stride(0), s1 = down.stride(1);
-      for (int64_t row = 0; row < r; ++row) {
-        float* dst = q + (offset + row) * g.in;
-        for (int64_t col = 0; col < g.in; ++col) {
-          dst[col] = static_cast<float>(src[row * s0 + col * s1]);
-        }
-      }
-    });
+    at::Tensor p_block = at::from_blob(p + offset, {g.out, r}, {g.total_rank, 1}, options);
+    p_block.copy_(ups[b * g.inputs + i]);
+    p_block.mul_(scales[b * g.inputs + i]);
+    at::from_blob(q + offset * g.in, {r, g.in}, options).copy_(downs[b * g.inputs + i]);
   }
 }
 
