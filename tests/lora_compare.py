@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from copylora.fidelity import Factors, as_factors, squared_distance, squared_norm
+
 # Metadata keys that differ by nature between two runs or two implementations.
 VOLATILE_KEYS = {
     "modelspec.date",
@@ -34,9 +36,6 @@ def data_section_sha256(path: Path) -> str:
     return hashlib.sha256(raw[header_end:]).hexdigest()
 
 
-Factors = tuple[torch.Tensor, torch.Tensor]
-
-
 def module_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, Factors]:
     """Per module, the delta up @ down · alpha / rank as a float64 factor pair (conv flattened).
 
@@ -48,22 +47,15 @@ def module_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, Factors]:
         if not key.endswith(".lora_down.weight"):
             continue
         name = key[: -len(".lora_down.weight")]
-        up = tensors[f"{name}.lora_up.weight"].double()
         rank = down.shape[0]
         alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
-        deltas[name] = (up.reshape(up.shape[0], rank) * (alpha / rank), down.double().reshape(rank, -1))
+        deltas[name] = as_factors(tensors[f"{name}.lora_up.weight"], down, alpha / rank)
     return deltas
-
-
-def frobenius_inner(a: Factors, b: Factors) -> float:
-    """<a_up a_down, b_up b_down>_F = trace((a_upᵀ b_up)(b_down a_downᵀ))."""
-    return float(((a[0].T @ b[0]) * (a[1] @ b[1].T)).sum())
 
 
 def relative_error(ours: Factors, ref: Factors) -> float:
     """‖ours − ref‖_F / ‖ref‖_F; two all-zero deltas agree exactly."""
-    ref_sq = frobenius_inner(ref, ref)
-    diff_sq = max(frobenius_inner(ours, ours) + ref_sq - 2.0 * frobenius_inner(ours, ref), 0.0)
+    ref_sq, diff_sq = squared_norm(ref), squared_distance(ours, ref)
     if ref_sq == 0.0:
         return 0.0 if diff_sq == 0.0 else float("inf")
     return (diff_sq / ref_sq) ** 0.5
