@@ -8,6 +8,7 @@ that will import it.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -24,12 +25,23 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp at compile time when torch's own ATen runs on OpenMP (Linux wheels).
+
+    at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`: without
+    the flag it silently runs on one thread. Nothing is added at link time: the GOMP symbols
+    resolve to the OpenMP runtime libtorch_cpu already loads, so there is only one thread pool.
+    """
+    backend_is_openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if backend_is_openmp and sys.platform.startswith("linux") else []
+
+
 def extension():
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     debug = os.environ.get("COPYLORA_DEBUG") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags += ["-std=c++20", "-DPy_LIMITED_API=0x03090000", *openmp_flags()]
     common = dict(
         name="copylora._C",
         include_dirs=[os.path.join(HERE, CSRC)],

@@ -1,7 +1,6 @@
-// CPU kernel of copylora::merge_group: float32 on ATen, modules split across threads with
-// at::parallel_for. Each thread assembles its modules' P and Q, runs LAPACK (via ATen's batched
-// linalg ops, serial inside the parallel region) on its slice, then fixes signs, scales,
-// truncates and clamps module by module.
+// CPU kernel of copylora::merge_group: float32 on ATen. A group is processed in chunks of modules:
+// the fused assembly and the per-module finishing (sign fix, scaling, truncation, clamp) run in
+// parallel across modules with at::parallel_for; QR and SVD are ATen's batched LAPACK calls.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -149,69 +148,97 @@ void clamp_module(const GroupShape& g, int64_t rank, float quantile, float* up, 
   for_each_clamped(g, rank, up, down, [&](float& x) { x = std::min(std::max(x, -hi), hi); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
-    at::TensorList ups, at::TensorList downs, const at::Tensor& scales, at::IntArrayRef ranks,
-    double clamp_quantile, bool sqrt_split) {
-  const GroupShape g = check_group(ups, downs, scales, ranks, clamp_quantile);
-  const auto options = scales.options().dtype(at::kFloat);
-  at::Tensor up = at::zeros({g.modules, g.out, g.max_rank}, options);
-  at::Tensor down = at::zeros({g.modules, g.max_rank, g.in}, options);
-  at::Tensor singular = at::zeros({g.modules, g.singular}, options);
-  if (g.modules == 0) {
-    return {up, down, singular};
-  }
-  const at::Tensor scales_c = scales.contiguous();
-  const float* scale_data = scales_c.const_data_ptr<float>();
-  at::Tensor p = at::empty({g.modules, g.out, g.total_rank}, options);
-  at::Tensor q = at::empty({g.modules, g.total_rank, g.in}, options);
-  const bool clamps = clamp_quantile < 1.0;
-  const float quantile = static_cast<float>(clamp_quantile);
-  const int64_t kk = g.computed;
+// Modules per batched LAPACK call: enough to amortise ATen's per-call cost and to give every
+// thread work in the parallel passes, few enough that a chunk's temporaries (P, Q, their QR
+// factors, U, Vh: a few MB) are reused heap memory. One big batch per group was slower: every
+// temporary was a fresh mapping of tens of MB whose page faults cost more than the LAPACK work.
+int64_t chunk_modules(const GroupShape& g) {
+  constexpr int64_t kChunkFloats = int64_t{1} << 20;
+  const int64_t per_module = g.dense ? g.out * g.in + g.total_rank * (g.out + g.in)
+                                     : g.total_rank * (g.out + g.in);
+  return std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(per_module, 1), 4, 256);
+}
+
+// Merges modules [begin, end) of the group into their blocks of up, down and singular. The copies
+// before and the per-module passes after the linear algebra run in parallel across modules; the
+// LAPACK calls themselves run outside any parallel region, because MKL's own threading (which
+// ATen's linalg uses) misbehaves when entered from inside an OpenMP team: results drifted and a
+// later threaded MKL call span forever.
+void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, const float* scales,
+                 at::IntArrayRef ranks, float quantile, bool clamps, bool sqrt_split, int64_t begin,
+                 int64_t end, float* up_data, float* down_data, float* singular_data) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const int64_t count = end - begin;
+  at::Tensor p = at::empty({count, g.out, g.total_rank}, options);
+  at::Tensor q = at::empty({count, g.total_rank, g.in}, options);
   float* p_data = p.data_ptr<float>();
   float* q_data = q.data_ptr<float>();
-  float* up_data = up.data_ptr<float>();
-  float* down_data = down.data_ptr<float>();
-
-  at::parallel_for(0, g.modules, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      assemble_module(g, ups, downs, scale_data, b, p_data + b * g.out * g.total_rank,
-                      q_data + b * g.total_rank * g.in);
+  at::parallel_for(begin, end, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      assemble_module(g, ups, downs, scales, b, p_data + (b - begin) * g.out * g.total_rank,
+                      q_data + (b - begin) * g.total_rank * g.in);
     }
-    const at::Tensor p_slice = p.slice(0, begin, end);
-    const at::Tensor q_slice = q.slice(0, begin, end);
-    at::Tensor u, s, vh;  // (b, out, kk), (b, m), (b, kk, in)
-    if (g.dense) {
-      // R is no smaller than out or in: W itself is no bigger than the factors.
-      auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p_slice, q_slice), /*full_matrices=*/false);
-      u = u_w.narrow(2, 0, kk);
-      s = s_w.narrow(1, 0, g.singular);
-      vh = vh_w.narrow(1, 0, kk);
-    } else {
-      // W = Qp (Rp Rq^T) Qq^T: the SVD of the small R x R core gives W's.
-      auto [q_p, r_p] = at::linalg_qr(p_slice);
-      auto [q_q, r_q] = at::linalg_qr(q_slice.transpose(1, 2));
-      auto [u_c, s_c, vh_c] = at::linalg_svd(at::bmm(r_p, r_q.transpose(1, 2)), /*full_matrices=*/false);
-      u = at::bmm(q_p, u_c.narrow(2, 0, kk));
-      s = s_c;
-      vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));
-    }
-    u = u.contiguous();
-    s = s.contiguous();
-    vh = vh.contiguous();
-    singular.slice(0, begin, end).copy_(s);
+  });
+  const int64_t kk = g.computed;
+  at::Tensor u, s, vh;  // (count, out, kk), (count, m), (count, kk, in)
+  if (g.dense) {
+    // R is no smaller than out or in: W itself is no bigger than the factors.
+    auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p, q), /*full_matrices=*/false);
+    u = u_w.narrow(2, 0, kk);
+    s = s_w.narrow(1, 0, g.singular);
+    vh = vh_w.narrow(1, 0, kk);
+  } else {
+    // W = Qp (Rp Rq^T) Qq^T: the SVD of the small R x R core gives W's.
+    auto [q_p, r_p] = at::linalg_qr(p);
+    auto [q_q, r_q] = at::linalg_qr(q.transpose(1, 2));
+    auto [u_c, s_c, vh_c] = at::linalg_svd(at::bmm(r_p, r_q.transpose(1, 2)), /*full_matrices=*/false);
+    u = at::bmm(q_p, u_c.narrow(2, 0, kk));
+    s = s_c;
+    vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));
+  }
+  u = u.contiguous();
+  s = s.contiguous();
+  vh = vh.contiguous();
+  std::copy_n(s.const_data_ptr<float>(), count * g.singular, singular_data + begin * g.singular);
+  const float* u_data = u.const_data_ptr<float>();
+  const float* s_data = s.const_data_ptr<float>();
+  const float* vh_data = vh.const_data_ptr<float>();
+  at::parallel_for(begin, end, 1, [&](int64_t first, int64_t last) {
     std::vector<float> buffer;
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t b = first; b < last; ++b) {
       const int64_t i = b - begin;
       float* up_b = up_data + b * g.out * g.max_rank;
       float* down_b = down_data + b * g.max_rank * g.in;
-      write_factors(g, u.const_data_ptr<float>() + i * g.out * kk, s.const_data_ptr<float>() + i * g.singular,
-                    vh.const_data_ptr<float>() + i * kk * g.in, kk, std::min(ranks[b], g.singular),
-                    sqrt_split, up_b, down_b);
+      // The output is allocated uninitialised and zeroed here, by the thread that fills it.
+      std::fill_n(up_b, g.out * g.max_rank, 0.0f);
+      std::fill_n(down_b, g.max_rank * g.in, 0.0f);
+      write_factors(g, u_data + i * g.out * kk, s_data + i * g.singular, vh_data + i * kk * g.in, kk,
+                    std::min(ranks[b], g.singular), sqrt_split, up_b, down_b);
       if (clamps) {
         clamp_module(g, ranks[b], quantile, up_b, down_b, buffer);
       }
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
+    at::TensorList ups, at::TensorList downs, const at::Tensor& scales, at::IntArrayRef ranks,
+    double clamp_quantile, bool sqrt_split) {
+  const GroupShape g = check_group(ups, downs, scales, ranks, clamp_quantile);
+  const auto options = scales.options().dtype(at::kFloat);
+  at::Tensor up = at::empty({g.modules, g.out, g.max_rank}, options);
+  at::Tensor down = at::empty({g.modules, g.max_rank, g.in}, options);
+  at::Tensor singular = at::empty({g.modules, g.singular}, options);
+  if (g.modules == 0) {
+    return {up, down, singular};
+  }
+  const at::Tensor scales_c = scales.contiguous();
+  const int64_t chunk = chunk_modules(g);
+  for (int64_t first = 0; first < g.modules; first += chunk) {
+    merge_chunk(g, ups, downs, scales_c.const_data_ptr<float>(), ranks, static_cast<float>(clamp_quantile),
+                clamp_quantile < 1.0, sqrt_split, first, std::min(g.modules, first + chunk), up.data_ptr<float>(),
+                down.data_ptr<float>(), singular.data_ptr<float>());
+  }
   return {up, down, singular};
 }
 
