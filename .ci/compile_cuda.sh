@@ -2,7 +2,7 @@
 # Compile-only check of every csrc/cuda/*.cu with nvcc, so the CUDA kernels cannot rot on
 # machines (like CI) that have no GPU and a CPU-only torch. torch's CPU wheel lacks its CUDA
 # headers, so the include trees of a CUDA torch wheel and of the cuBLAS/cuSOLVER/cuSPARSE wheels
-# are unpacked once under build/cuda-headers/ (only include/ is extracted: well under a second).
+# are unpacked once under build/cuda-headers/ (only include/ is extracted: about a second).
 # Exits non-zero on any compile error. Needs nvcc (NVCC or PATH) and pip with index access on
 # first use.
 set -euo pipefail
@@ -26,12 +26,15 @@ if [[ ! -f "$stamp" ]]; then
   rm -rf "$CACHE"
   mkdir -p "$CACHE/wheels"
   "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: "${WHEELS[@]}" -d "$CACHE/wheels"
-  for wheel in "$CACHE"/wheels/*.whl; do
-    case "$(basename "$wheel")" in
-      torch-*) unzip -q -o "$wheel" 'torch/include/*' -d "$CACHE" ;;
-      nvidia_*) unzip -q -o "$wheel" 'nvidia/*/include/*' -d "$CACHE" ;;
-    esac
-  done
+  # Only the include/ trees are extracted (zipfile, so no unzip binary is needed).
+  "$PYTHON" - "$CACHE" "$CACHE"/wheels/*.whl <<'PY'
+import re, sys, zipfile
+cache, wheels = sys.argv[1], sys.argv[2:]
+wanted = re.compile(r"^(torch/include/|nvidia/[^/]+/include/)")
+for wheel in wheels:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(cache, [name for name in archive.namelist() if wanted.match(name)])
+PY
   rm -rf "$CACHE/wheels"
   touch "$stamp"
 fi
