@@ -37,6 +37,7 @@ def load_status() -> ExtensionStatus:
     except (ImportError, OSError) as exc:
         return ExtensionStatus(available=False, error=f"{type(exc).__name__}: {exc}")
     _register_fake()
+
     def has_kernel(key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key("copylora::merge_group", key)
 
