@@ -15,20 +15,12 @@ from PIL import Image
 
 from copylora import copy_machine
 from copylora.lora_file import read_lora
-from tests.test_train_fakes import PYTHON, dump_with_cuda, make_accelerate, make_sd_scripts, read_log
+from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 
 
-class Setup:
+class Setup(FakeKohya):
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-        self.root = tmp_path
-        self.sd_scripts = make_sd_scripts(tmp_path / "sd-scripts")
-        monkeypatch.setenv("PYTHONPATH", str(make_accelerate(tmp_path / "fake_site")))
-        self.log = tmp_path / "kohya.log"
-        monkeypatch.setenv("FAKE_KOHYA_LOG", str(self.log))
-        for name in ("FAKE_KOHYA_EXIT", "FAKE_KOHYA_WRITE"):
-            monkeypatch.delenv(name, raising=False)
-        self.base = tmp_path / "base.safetensors"
-        self.base.write_bytes(b"not read by the fake")
+        super().__init__(tmp_path, monkeypatch)
         self.dump = dump_with_cuda("train_network.py", False, tmp_path / "options.json")
         self.before = self.image("before.png", (200, 30, 30))
         self.after = self.image("after.png", (90, 90, 90))

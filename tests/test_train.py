@@ -12,22 +12,14 @@ from PIL import Image
 
 from copylora import train
 from copylora.dataset import MARKER
-from tests.test_train_fakes import PYTHON, dump_with_cuda, make_accelerate, make_sd_scripts, read_log
+from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 
 
-class Kohya:
-    """A fake checkout, fake accelerate on PYTHONPATH, a base model and parser dumps, in tmp_path."""
+class Kohya(FakeKohya):
+    """The stand-in kohya, plus parser dumps and images for `copylora train`."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-        self.root = tmp_path
-        self.sd_scripts = make_sd_scripts(tmp_path / "sd-scripts")
-        monkeypatch.setenv("PYTHONPATH", str(make_accelerate(tmp_path / "fake_site")))
-        self.log = tmp_path / "kohya.log"
-        monkeypatch.setenv("FAKE_KOHYA_LOG", str(self.log))
-        for name in ("FAKE_KOHYA_EXIT", "FAKE_KOHYA_WRITE"):
-            monkeypatch.delenv(name, raising=False)
-        self.base = tmp_path / "base.safetensors"
-        self.base.write_bytes(b"not read by the fake")
+        super().__init__(tmp_path, monkeypatch)
         self.out = tmp_path / "out"
 
     def dump(self, cuda: bool = False, script: str = "train_network.py") -> Path:

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_KOHYA = ROOT.parent / "shared" / "kohya"
 DUMPS = {"train_network.py": SHARED_KOHYA / "train_network_args.json",
@@ -125,3 +127,18 @@ def read_log(path: Path) -> list[dict]:
 
 
 PYTHON = sys.executable
+
+
+class FakeKohya:
+    """A stand-in checkout, stand-in accelerate on PYTHONPATH, a run log and a base model, in tmp_path."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        self.root = tmp_path
+        self.sd_scripts = make_sd_scripts(tmp_path / "sd-scripts")
+        monkeypatch.setenv("PYTHONPATH", str(make_accelerate(tmp_path / "fake_site")))
+        self.log = tmp_path / "kohya.log"
+        monkeypatch.setenv("FAKE_KOHYA_LOG", str(self.log))
+        for name in ("FAKE_KOHYA_EXIT", "FAKE_KOHYA_WRITE"):
+            monkeypatch.delenv(name, raising=False)
+        self.base = tmp_path / "base.safetensors"
+        self.base.write_bytes(b"not read by the fake")
