@@ -180,25 +180,9 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
     }
   });
   const int64_t kk = g.computed;
-  at::Tensor u, s, vh;  // (count, out, kk), (count, m), (count, kk, in)
-  if (g.dense) {
-    // R is no smaller than out or in: W itself is no bigger than the factors.
-    auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p, q), /*full_matrices=*/false);
-    u = u_w.narrow(2, 0, kk);
-    s = s_w.narrow(1, 0, g.singular);
-    vh = vh_w.narrow(1, 0, kk);
-  } else {
-    // W = Qp (Rp Rq^T) Qq^T: the SVD of the small R x R core gives W's.
-    auto [q_p, r_p] = at::linalg_qr(p);
-    auto [q_q, r_q] = at::linalg_qr(q.transpose(1, 2));
-    auto [u_c, s_c, vh_c] = at::linalg_svd(at::bmm(r_p, r_q.transpose(1, 2)), /*full_matrices=*/false);
-    u = at::bmm(q_p, u_c.narrow(2, 0, kk));
-    s = s_c;
-    vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));
-  }
-  u = u.contiguous();
-  s = s.contiguous();
-  vh = vh.contiguous();
+  auto [u, s, vh] = factored_svd(g, p, q, [](const at::Tensor& cores) {
+    return at::linalg_svd(cores, /*full_matrices=*/false);
+  });  // (count, out, kk), (count, m), (count, kk, in)
   std::copy_n(s.const_data_ptr<float>(), count * g.singular, singular_data + begin * g.singular);
   const float* u_data = u.const_data_ptr<float>();
   const float* s_data = s.const_data_ptr<float>();

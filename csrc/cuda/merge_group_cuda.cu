@@ -433,23 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   assemble(g, ups, downs, scales.contiguous(), p, q);
 
   const int64_t kk = g.computed;
-  at::Tensor u, s, vh;  // (B, out, kk), (B, m), (B, kk, in)
-  if (g.dense) {
-    auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p, q), /*full_matrices=*/false);
-    u = u_w.narrow(2, 0, kk);
-    s = s_w.narrow(1, 0, g.singular);
-    vh = vh_w.narrow(1, 0, kk);
-  } else {
-    auto [q_p, r_p] = at::linalg_qr(p);
-    auto [q_q, r_q] = at::linalg_qr(q.transpose(1, 2));
-    auto [u_c, s_c, vh_c] = core_svd(at::bmm(r_p, r_q.transpose(1, 2)).contiguous());
-    u = at::bmm(q_p, u_c.narrow(2, 0, kk));
-    s = s_c;
-    vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));
-  }
-  u = u.contiguous();
-  s = s.contiguous();
-  vh = vh.contiguous();
+  auto [u, s, vh] = factored_svd(g, p, q, core_svd);  // (B, out, kk), (B, m), (B, kk, in)
   singular.copy_(s);
 
   const at::Tensor device_ranks = at::tensor(ranks, at::TensorOptions().dtype(at::kLong)).to(scales.device());
