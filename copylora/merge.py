@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if bar is None:  # created on first progress, so a failed load prints no empty bar
             bar = tqdm(desc="merging", unit="module", total=total, disable=args.quiet)
         bar.update(done - bar.n)
+        if done == total:
+            bar.close()  # finished: the log lines that follow start on a line of their own
 
     try:
         summary = merge_files(request, on_progress=advance)
