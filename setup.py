@@ -60,7 +60,7 @@ def extension():
 setup(
     # the sd-scripts shim and the training presets ship inside the package, from their one
     # source each in sd_scripts_patch/ and configs/
-    packages=["copylora", "copylora.engine", "copylora.sd_scripts_patch", "copylora.configs"],
+    packages=["copylora", "copylora.engine", "copylora.kohya", "copylora.sd_scripts_patch", "copylora.configs"],
     package_dir={"copylora.sd_scripts_patch": "sd_scripts_patch", "copylora.configs": "configs"},
     package_data={"copylora.sd_scripts_patch": ["README.md"], "copylora.configs": ["*.toml"]},
     ext_modules=[extension()] if glob.glob(os.path.join(CSRC, "*.cpp")) else [],

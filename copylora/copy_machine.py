@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from copylora import kohya_job
+from copylora.kohya import job as kohya_job
 from copylora.errors import CopyloraError, run_cli
 from copylora.lora_file import LoraFile, read_lora
 from copylora.train import accelerate_args, add_kohya_arguments, setup, warn

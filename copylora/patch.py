@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from copylora import sd_scripts
+from copylora.kohya import checkout as sd_checkout
 from copylora.errors import run_cli
 
 
@@ -41,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = sd_scripts.find_checkout(args.sd_scripts)
+    root = sd_checkout.find_checkout(args.sd_scripts)
     if args.action == "status":
-        print(sd_scripts.inspect(root).describe())
+        print(sd_checkout.inspect(root).describe())
     elif args.action == "install":
-        print(sd_scripts.install(root, force=args.force))
+        print(sd_checkout.install(root, force=args.force))
     else:
-        print(sd_scripts.uninstall(root, force=args.force))
+        print(sd_checkout.uninstall(root, force=args.force))
     return 0
 
 

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora import kohya_job
+from copylora.kohya import job as kohya_job
 from copylora.errors import CopyloraError, run_cli
-from copylora.kohya_config import KohyaOptions, Preset, load_preset, preset_path
-from copylora.sd_scripts import find_checkout
+from copylora.kohya.options import KohyaOptions, Preset, load_preset, preset_path
+from copylora.kohya.checkout import find_checkout
 
 PROG = "copylora.train"
 

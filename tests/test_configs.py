@@ -9,7 +9,7 @@ import tomllib
 import pytest
 
 from copylora.errors import CopyloraError
-from copylora.kohya_config import (
+from copylora.kohya.options import (
     LIMIT_KEYS,
     OWNED_KEYS,
     PRESETS_DIR,

@@ -1,4 +1,4 @@
-"""copylora.patch / copylora.sd_scripts and the shim in sd_scripts_patch/.
+"""copylora.patch / copylora.kohya.checkout and the shim in sd_scripts_patch/.
 
 Every test builds its own fake sd-scripts tree (and Kohya's GUI root) in a tmp dir, with a tiny
 stand-in networks/svd_merge_lora.py written here; nothing from kohya-ss/sd-scripts is used.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from copylora import cli, patch, sd_scripts
+from copylora import cli, patch
+from copylora.kohya import checkout as sd_checkout
 from copylora.errors import CopyloraError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def status_line(root: Path) -> str:
-    return sd_scripts.inspect(sd_scripts.find_checkout(root)).describe()
+    return sd_checkout.inspect(sd_checkout.find_checkout(root)).describe()
 
 
 def run_patch(capsys, *argv: str) -> tuple[int, str, str]:
@@ -154,13 +155,13 @@ def test_install_then_uninstall_restores_bytes_and_mode(checkout: Path, capsys) 
     code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("installed:")
     target = networks / "svd_merge_lora.py"
-    assert target.read_bytes() == sd_scripts.shim_path().read_bytes()
+    assert target.read_bytes() == sd_checkout.shim_path().read_bytes()
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
-    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL
-    assert stat.S_IMODE((networks / sd_scripts.KEPT).stat().st_mode) == 0o755
-    record = json.loads((networks / sd_scripts.SIDECAR).read_text())
-    assert record["original_sha256"] == sd_scripts.sha256(STANDIN_ORIGINAL)
-    assert record["shim_sha256"] == sd_scripts.sha256(target.read_bytes())
+    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL
+    assert stat.S_IMODE((networks / sd_checkout.KEPT).stat().st_mode) == 0o755
+    record = json.loads((networks / sd_checkout.SIDECAR).read_text())
+    assert record["original_sha256"] == sd_checkout.sha256(STANDIN_ORIGINAL)
+    assert record["shim_sha256"] == sd_checkout.sha256(target.read_bytes())
     code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("installed:")
 
@@ -184,7 +185,7 @@ def test_install_twice_is_a_no_op(checkout: Path, capsys) -> None:
 
 
 def test_gui_root_and_cli_subcommand(gui_root: Path, capsys) -> None:
-    assert sd_scripts.find_checkout(gui_root) == (gui_root / "sd-scripts").resolve()
+    assert sd_checkout.find_checkout(gui_root) == (gui_root / "sd-scripts").resolve()
     assert cli.main(["patch", "install", "--sd-scripts", str(gui_root)]) == 0
     assert capsys.readouterr().out.startswith("installed:")
     assert cli.main(["patch", "status", "--sd-scripts", str(gui_root)]) == 0
@@ -222,7 +223,7 @@ def test_refuses_a_folder_that_is_not_sd_scripts(tmp_path: Path, capsys, layout:
 
 def test_changed_shim_is_refused_without_force(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     target = networks / "svd_merge_lora.py"
     target.write_bytes(target.read_bytes() + b"# someone's edit\n")
     assert status_line(checkout).startswith("modified by someone else:")
@@ -239,8 +240,8 @@ def test_changed_shim_is_refused_without_force(checkout: Path, capsys) -> None:
 
 def test_changed_kept_original_is_refused_and_force_keeps_it(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
-    kept = networks / sd_scripts.KEPT
+    sd_checkout.install(checkout)
+    kept = networks / sd_checkout.KEPT
     changed = STANDIN_ORIGINAL + b"# a local fix\n"
     kept.write_bytes(changed)
     assert "the kept original networks/svd_merge_lora.copylora-original.py was changed" in status_line(checkout)
@@ -256,11 +257,11 @@ def test_changed_kept_original_is_refused_and_force_keeps_it(checkout: Path, cap
 
 def test_missing_or_broken_sidecar_is_a_modification(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
-    (networks / sd_scripts.SIDECAR).write_text("{not json")
+    sd_checkout.install(checkout)
+    (networks / sd_checkout.SIDECAR).write_text("{not json")
     assert "unreadable" in status_line(checkout)
     assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 2
-    (networks / sd_scripts.SIDECAR).unlink()
+    (networks / sd_checkout.SIDECAR).unlink()
     assert "is missing" in status_line(checkout)
     assert run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))[0] == 0
     assert (networks / "svd_merge_lora.py").read_bytes() == STANDIN_ORIGINAL
@@ -269,7 +270,7 @@ def test_missing_or_broken_sidecar_is_a_modification(checkout: Path, capsys) -> 
 def test_target_replaced_after_install(checkout: Path, capsys) -> None:
     """E.g. `git checkout`/an sd-scripts update replaced the shim with a newer stock script."""
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     newer = STANDIN_ORIGINAL + b"# upstream update\n"
     (networks / "svd_merge_lora.py").write_bytes(newer)
     line = status_line(checkout)
@@ -280,11 +281,11 @@ def test_target_replaced_after_install(checkout: Path, capsys) -> None:
     assert (networks / "svd_merge_lora.py").read_bytes() == newer
     assert sorted(p.name for p in networks.iterdir()) == ["lora.py", "svd_merge_lora.py"]
     # install in the same situation keeps the newer script as the original
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     (networks / "svd_merge_lora.py").write_bytes(newer + b"# again\n")
     code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("installed:")
-    assert (networks / sd_scripts.KEPT).read_bytes() == newer + b"# again\n"
+    assert (networks / sd_checkout.KEPT).read_bytes() == newer + b"# again\n"
     assert status_line(checkout).startswith("installed:")
     assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 0
     assert (networks / "svd_merge_lora.py").read_bytes() == newer + b"# again\n"
@@ -292,9 +293,9 @@ def test_target_replaced_after_install(checkout: Path, capsys) -> None:
 
 def test_target_replaced_and_kept_changed_is_refused(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     (networks / "svd_merge_lora.py").write_bytes(STANDIN_ORIGINAL + b"# new\n")
-    (networks / sd_scripts.KEPT).write_bytes(STANDIN_ORIGINAL + b"# edited backup\n")
+    (networks / sd_checkout.KEPT).write_bytes(STANDIN_ORIGINAL + b"# edited backup\n")
     assert status_line(checkout).startswith("modified by someone else:")
     before = snapshot(networks)
     for action in ("install", "uninstall"):
@@ -302,27 +303,27 @@ def test_target_replaced_and_kept_changed_is_refused(checkout: Path, capsys) -> 
     assert snapshot(networks) == before
     # --force: install keeps the script in place as the original; uninstall leaves it in place
     assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
-    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL + b"# new\n"
+    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL + b"# new\n"
     assert status_line(checkout).startswith("installed:")
 
 
 def test_interrupted_install_of_a_replaced_script_is_finished(checkout: Path) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     newer = STANDIN_ORIGINAL + b"# upstream update\n"
     (networks / "svd_merge_lora.py").write_bytes(newer)
-    (networks / sd_scripts.KEPT).write_bytes(newer)  # install got as far as keeping the new original
+    (networks / sd_checkout.KEPT).write_bytes(newer)  # install got as far as keeping the new original
     assert status_line(checkout).startswith("not installed:")
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     assert status_line(checkout).startswith("installed:")
-    sd_scripts.uninstall(checkout)
+    sd_checkout.uninstall(checkout)
     assert (networks / "svd_merge_lora.py").read_bytes() == newer
 
 
 def test_shim_without_kept_original_is_refused_even_with_force(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
-    sd_scripts.install(checkout)
-    (networks / sd_scripts.KEPT).unlink()
+    sd_checkout.install(checkout)
+    (networks / sd_checkout.KEPT).unlink()
     assert "kept original" in status_line(checkout) and "missing" in status_line(checkout)
     for action in ("install", "uninstall"):
         code, _, err = run_patch(capsys, action, "--force", "--sd-scripts", str(checkout))
@@ -334,16 +335,16 @@ def test_interrupted_runs_are_finished(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
     before = snapshot(networks)
     # install stopped after keeping the original: a copy beside the untouched target
-    shutil.copy2(networks / "svd_merge_lora.py", networks / sd_scripts.KEPT)
+    shutil.copy2(networks / "svd_merge_lora.py", networks / sd_checkout.KEPT)
     line = status_line(checkout)
     assert line.startswith("not installed:") and "leftover" in line
     code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
     assert code == 0 and "removed leftover" in out and snapshot(networks) == before
     # uninstall stopped after restoring the target and dropping the kept copy: only the sidecar is left
-    sd_scripts.install(checkout)
-    sidecar = (networks / sd_scripts.SIDECAR).read_bytes()
-    sd_scripts.uninstall(checkout)
-    (networks / sd_scripts.SIDECAR).write_bytes(sidecar)
+    sd_checkout.install(checkout)
+    sidecar = (networks / sd_checkout.SIDECAR).read_bytes()
+    sd_checkout.uninstall(checkout)
+    (networks / sd_checkout.SIDECAR).write_bytes(sidecar)
     assert "leftover" in status_line(checkout)
     assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 0
     assert status_line(checkout).startswith("installed:")
@@ -355,13 +356,13 @@ def test_older_shim_is_updated_without_force(checkout: Path, capsys, monkeypatch
     old_shim.parent.mkdir()
     old_shim.write_bytes(b"# copylora shim v0\nprint('old')\n")
     with monkeypatch.context() as m:
-        m.setattr(sd_scripts, "shim_path", lambda: old_shim)
-        sd_scripts.install(checkout)
+        m.setattr(sd_checkout, "shim_path", lambda: old_shim)
+        sd_checkout.install(checkout)
     assert status_line(checkout).startswith("installed, older shim")
     code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("updated the shim")
     assert status_line(checkout).startswith("installed:")
-    assert (networks / sd_scripts.KEPT).read_bytes() == STANDIN_ORIGINAL
+    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL
 
 
 def test_writes_are_atomic(checkout: Path, monkeypatch) -> None:
@@ -371,35 +372,35 @@ def test_writes_are_atomic(checkout: Path, monkeypatch) -> None:
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sd_scripts.os, "replace", boom)
+    monkeypatch.setattr(sd_checkout.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        sd_scripts.install(checkout)
+        sd_checkout.install(checkout)
     assert snapshot(networks) == before  # no half-written file, no temp file left
     monkeypatch.undo()
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     installed = snapshot(networks)
-    monkeypatch.setattr(sd_scripts.os, "replace", boom)
+    monkeypatch.setattr(sd_checkout.os, "replace", boom)
     with pytest.raises(OSError):
-        sd_scripts.uninstall(checkout)
+        sd_checkout.uninstall(checkout)
     assert snapshot(networks) == installed
 
 
 def test_shim_source_is_found_and_marked() -> None:
-    path = sd_scripts.shim_path()
+    path = sd_checkout.shim_path()
     assert path == REPO / "sd_scripts_patch" / "svd_merge_lora.py"
-    assert sd_scripts.shim_version(path.read_bytes()) == 1
-    assert sd_scripts.shim_version(STANDIN_ORIGINAL) is None
+    assert sd_checkout.shim_version(path.read_bytes()) == 1
+    assert sd_checkout.shim_version(STANDIN_ORIGINAL) is None
     spec = importlib.util.spec_from_file_location("copylora_shim_under_test", path)
     shim_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shim_module)  # importing it (not as __main__) runs nothing
-    assert shim_module.KEPT_ORIGINAL == sd_scripts.KEPT and shim_module.SIDECAR == sd_scripts.SIDECAR
+    assert shim_module.KEPT_ORIGINAL == sd_checkout.KEPT and shim_module.SIDECAR == sd_checkout.SIDECAR
 
 
 # ---------------------------------------------------------------- running the patched script
 
 
 def test_shim_hands_argv_and_exit_code_to_copylora_merge(checkout: Path, tmp_path: Path) -> None:
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     fake = fake_copylora(tmp_path)
     out = tmp_path / "out.safetensors"
     args = ["--save_precision", "fp16", "--models", "b c.safetensors", "a.safetensors", "--ratios", "1", "-1",
@@ -415,7 +416,7 @@ def test_shim_hands_argv_and_exit_code_to_copylora_merge(checkout: Path, tmp_pat
 
 
 def test_fallback_runs_the_kept_original_when_copylora_is_hidden(checkout: Path, tmp_path: Path) -> None:
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     out = tmp_path / "out.safetensors"
     args = ["--models", "x.safetensors", "--save_to", str(out), "--exit_code", "3"]
     # library/ comes from the checkout root the way kohya's `pip install -e .` makes it importable
@@ -434,7 +435,7 @@ def test_fallback_runs_the_kept_original_when_copylora_is_hidden(checkout: Path,
 
 
 def test_fallback_passes_a_crash_through(checkout: Path, tmp_path: Path) -> None:
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     out = tmp_path / "out.safetensors"
     proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out), "--crash"],
                       [hide_copylora(tmp_path), checkout])
@@ -443,7 +444,7 @@ def test_fallback_passes_a_crash_through(checkout: Path, tmp_path: Path) -> None
 
 
 def test_copylora_use_original_runs_the_original_quietly(checkout: Path, tmp_path: Path) -> None:
-    sd_scripts.install(checkout)
+    sd_checkout.install(checkout)
     out = tmp_path / "out.safetensors"
     proc = run_script(checkout, "networks/svd_merge_lora.py", ["--save_to", str(out)],
                       [fake_copylora(tmp_path), checkout], COPYLORA_USE_ORIGINAL="1")
@@ -453,8 +454,8 @@ def test_copylora_use_original_runs_the_original_quietly(checkout: Path, tmp_pat
 
 def test_after_uninstall_the_stock_script_runs_again(gui_root: Path, tmp_path: Path) -> None:
     root = gui_root / "sd-scripts"
-    sd_scripts.install(sd_scripts.find_checkout(gui_root))
-    sd_scripts.uninstall(sd_scripts.find_checkout(gui_root))
+    sd_checkout.install(sd_checkout.find_checkout(gui_root))
+    sd_checkout.uninstall(sd_checkout.find_checkout(gui_root))
     out = tmp_path / "out.safetensors"
     # Kohya's GUI runs it from its own root: python sd-scripts/networks/svd_merge_lora.py ...
     proc = run_script(gui_root, "sd-scripts/networks/svd_merge_lora.py", ["--save_to", str(out)],
@@ -505,7 +506,7 @@ def test_patched_script_writes_what_copylora_merge_writes(tmp_path: Path, layout
         cwd = tmp_path / "kohya_ss"
         make_checkout(cwd / "sd-scripts")
         script = "sd-scripts/networks/svd_merge_lora.py"
-    sd_scripts.install(sd_scripts.find_checkout(cwd))
+    sd_checkout.install(sd_checkout.find_checkout(cwd))
     write_lora(tmp_path / "A.safetensors", 1)
     write_lora(tmp_path / "B.safetensors", 2)
     stock_flags = ["--models", str(tmp_path / "B.safetensors"), str(tmp_path / "A.safetensors"),
@@ -550,12 +551,12 @@ def test_real_checkout_accepts_every_stock_flag(tmp_path: Path) -> None:
         pytest.skip("set COPYLORA_SD_SCRIPTS to an sd-scripts checkout")
     root = tmp_path / "sd-scripts"
     shutil.copytree(real, root, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    if sd_scripts.inspect(root).kind != sd_scripts.NOT_INSTALLED:  # the given checkout is patched already
-        sd_scripts.uninstall(root)
+    if sd_checkout.inspect(root).kind != sd_checkout.NOT_INSTALLED:  # the given checkout is patched already
+        sd_checkout.uninstall(root)
     original = (root / NETWORKS / "svd_merge_lora.py").read_bytes()
-    assert sd_scripts.shim_version(original) is None
-    sd_scripts.install(root)
-    flags = stock_flags(root / NETWORKS / sd_scripts.KEPT)
+    assert sd_checkout.shim_version(original) is None
+    sd_checkout.install(root)
+    flags = stock_flags(root / NETWORKS / sd_checkout.KEPT)
     write_lora(tmp_path / "A.safetensors", 1)
     write_lora(tmp_path / "B.safetensors", 2)
     values = {
@@ -570,5 +571,5 @@ def test_real_checkout_accepts_every_stock_flag(tmp_path: Path) -> None:
     proc = run_script(root, "networks/svd_merge_lora.py", argv, [REPO])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.safetensors").is_file()
-    sd_scripts.uninstall(root)
+    sd_checkout.uninstall(root)
     assert (root / NETWORKS / "svd_merge_lora.py").read_bytes() == original

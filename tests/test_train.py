@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from copylora import train
-from copylora.dataset import MARKER
+from copylora.kohya.dataset import MARKER
 from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 
 

@@ -28,7 +28,7 @@ FAKE_SCRIPT = textwrap.dedent('''
 
     def setup_parser():
         # the probe must not put copylora's package folder on sys.path (its inspect.py would shadow the stdlib's)
-        assert not any(os.path.isfile(os.path.join(p or ".", "_kohya_probe.py")) for p in sys.path), sys.path
+        assert not any(os.path.isfile(os.path.join(p or ".", "_probe.py")) for p in sys.path), sys.path
         parser = argparse.ArgumentParser()
         for o in json.load(open(DUMP))["options"]:
             if o["action"] == "_HelpAction":
@@ -95,7 +95,7 @@ FAKE_LAUNCH = textwrap.dedent('''
 
 
 def make_sd_scripts(root: Path) -> Path:
-    """A checkout copylora.sd_scripts.find_checkout accepts, with the two fake training scripts."""
+    """A checkout copylora.kohya.checkout.find_checkout accepts, with the two fake training scripts."""
     (root / "networks").mkdir(parents=True)
     (root / "library").mkdir()
     (root / "networks" / "lora.py").write_text("# fake\n")

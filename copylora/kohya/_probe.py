@@ -1,6 +1,6 @@
 """Dump the options of a kohya training script's parser as JSON (run by the kohya checkout's own Python).
 
-usage: python -c "$(cat _kohya_probe.py)" SD_SCRIPTS_DIR SCRIPT.py OUT.json
+usage: python -c "$(cat _probe.py)" SD_SCRIPTS_DIR SCRIPT.py OUT.json
 
 copylora runs this file's text with `-c` (so that no copylora folder lands on sys.path), with the
 Python that will train, so the options it validates a config against are those of the user's

@@ -3,7 +3,7 @@
 kohya's read_config_from_file() flattens one level of tables and puts every key into the
 argparse namespace, so a misspelt key is ignored without a word and a value skips the option's
 type conversion. Here every key is checked against the target script's own parser (a dump, see
-_kohya_probe.py), converted to the option's type, and checked against its choices.
+_probe.py), converted to the option's type, and checked against its choices.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ else:  # Python 3.10: the same parser, as a package
 
 def _presets_dir() -> Path:
     """configs/ of a source checkout or editable install, else the copy a wheel ships as copylora/configs."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # copylora/
     source = package.parent / "configs"
     return source if source.is_dir() else package / "configs"
 
@@ -116,7 +116,7 @@ class KohyaOptions:
     @classmethod
     def probe(cls, python: str, sd_scripts: Path, script: str) -> KohyaOptions:
         """Ask the script's setup_parser(), imported by the Python that will train."""
-        probe = Path(__file__).with_name("_kohya_probe.py")
+        probe = Path(__file__).with_name("_probe.py")
         with tempfile.TemporaryDirectory(prefix="copylora-probe-") as tmp:
             out = Path(tmp) / "options.json"
             try:

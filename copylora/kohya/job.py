@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from copylora import dataset
+from copylora.kohya import dataset
 from copylora.errors import CopyloraError
-from copylora.kohya_config import FinalConfig, KohyaOptions, Preset, build_config, dumps_toml
+from copylora.kohya.options import FinalConfig, KohyaOptions, Preset, build_config, dumps_toml
 from copylora.lora_file import LoraFile, read_lora
 
 LAUNCHER = ["-m", "accelerate.commands.launch"]  # `accelerate launch`, from the same Python

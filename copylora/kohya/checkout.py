@@ -45,7 +45,7 @@ MODIFIED = "modified by someone else"
 
 def shim_path() -> Path:
     """sd_scripts_patch/svd_merge_lora.py: from the source tree, else from the installed package data."""
-    candidates = [Path(__file__).resolve().parent.parent / "sd_scripts_patch"]
+    candidates = [Path(__file__).resolve().parents[2] / "sd_scripts_patch"]
     for name in ("copylora.sd_scripts_patch", "sd_scripts_patch"):
         try:
             spec = importlib.util.find_spec(name)
@@ -79,7 +79,7 @@ def shim_version(data: bytes | None) -> int | None:
 
 def copylora_source() -> str | None:
     """The folder to `pip install` copylora from, when this copylora runs from a source tree."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if (root / "setup.py").is_file() and (root / "sd_scripts_patch").is_dir():
         return str(root)
     return None

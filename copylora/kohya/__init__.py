@@ -1,0 +1,12 @@
+"""Everything that talks to a kohya sd-scripts checkout.
+
+- checkout: finding a checkout (or Kohya's GUI folder) and patching its scripts, reversibly
+- options: presets, kohya's option lists (probed from its own parser) and the TOML handed to it
+- job: one kohya training run, planned, launched and verified
+- dataset: the training images laid out the way kohya's train_data_dir wants them
+- _probe: run by kohya's own Python to dump a script's options
+
+The file format (copylora.lora_file, copylora.kohya_metadata) and the merge engine
+(copylora.engine) know nothing about a checkout; the CLI modules (copylora.train, .patch,
+.copy_machine) only parse arguments and call into here.
+"""
