@@ -9,6 +9,7 @@ from typing import Sequence
 # command name -> module; each module has main(argv) -> int and works as `python -m copylora.<module>`
 COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("copylora.merge", "merge LoRAs like kohya's svd_merge_lora.py, fast"),
+    "resize": ("copylora.resize", "resize a LoRA like kohya's resize_lora.py, fast"),
     "copy-machine": ("copylora.copy_machine", "train LoRA A and B with kohya, then write B - A"),
     "train": ("copylora.train", "train one overfit LoRA with kohya's train_network.py"),
     "patch": ("copylora.patch", "make an sd-scripts checkout use copylora's merge (reversible)"),

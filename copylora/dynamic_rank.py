@@ -53,6 +53,11 @@ def values_needed(singular_values: torch.Tensor, method: str, param: float) -> i
     return int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64))) + 1
 
 
+def is_zero_spectrum(singular_values: torch.Tensor) -> bool:
+    """resize_lora's all-zero test: no singular value above MIN_SINGULAR_VALUE (rank 1 then)."""
+    return singular_values.shape[0] == 0 or float(singular_values[0]) <= MIN_SINGULAR_VALUE
+
+
 def dynamic_rank(singular_values: torch.Tensor, max_rank: int, dense_size: int, method: str, param: float) -> int:
     """The rank resize_lora would choose for a module with these singular values.
 
@@ -61,7 +66,7 @@ def dynamic_rank(singular_values: torch.Tensor, max_rank: int, dense_size: int, 
     dense_size: min(out, in), the length of the dense spectrum resize_lora works on.
     """
     available = singular_values.shape[0]
-    if available == 0 or float(singular_values[0]) <= MIN_SINGULAR_VALUE:
+    if is_zero_spectrum(singular_values):
         return 1
     index = max(1, min(values_needed(singular_values, method, param), dense_size - 1))
     return max(1, min(index + 1, max_rank, available))

@@ -2,12 +2,14 @@
 
 A kohya LoRA stores, per module `NAME`, `NAME.lora_down.weight` (r, in[, kh, kw]),
 `NAME.lora_up.weight` (out, r[, 1, 1]) and optionally a 0-dim `NAME.alpha` (absent means
-alpha = r). Everything that can be wrong with a user's file is reported as one CopyloraError
-that names the file (and module).
+alpha = r). resize_lora.py also reads PEFT's `lora_A`/`lora_B` and ControlLoRA's `down`/`up`
+names for the same pair; `read_lora(path, KEY_FORMATS)` does too. Everything that can be wrong
+with a user's file is reported as one CopyloraError that names the file (and module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -25,8 +27,6 @@ from copylora.errors import CopyloraError
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 
-DOWN_SUFFIX = ".lora_down.weight"
-UP_SUFFIX = ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
 
 # Key fragments of network types that are not a plain LoRA; stock drops them silently.
@@ -38,6 +38,21 @@ UNSUPPORTED_TYPES = {
 
 
 @dataclass(frozen=True)
+class KeyFormat:
+    """How a file names one module's pair: NAME.<down>[.weight] and NAME.<up>[.weight]."""
+
+    down: str
+    up: str
+    strict: bool = True  # a down without its up is an error (False: generic words, pass through)
+
+
+KOHYA_KEYS = KeyFormat("lora_down", "lora_up")
+PEFT_KEYS = KeyFormat("lora_A", "lora_B")
+CONTROL_LORA_KEYS = KeyFormat("down", "up", strict=False)
+KEY_FORMATS = (KOHYA_KEYS, PEFT_KEYS, CONTROL_LORA_KEYS)  # resize_lora's, in its order
+
+
+@dataclass(frozen=True)
 class LoraModule:
     """One module's factors as stored in the file (original dtype and shape)."""
 
@@ -45,6 +60,20 @@ class LoraModule:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None  # None: the file has no alpha, so alpha = rank
+    key_format: KeyFormat = KOHYA_KEYS
+    key_suffix: str = ".weight"  # what follows <down>/<up> in the key: ".weight" or ""
+
+    @property
+    def down_key(self) -> str:
+        return f"{self.name}.{self.key_format.down}{self.key_suffix}"
+
+    @property
+    def up_key(self) -> str:
+        return f"{self.name}.{self.key_format.up}{self.key_suffix}"
+
+    @property
+    def alpha_key(self) -> str:
+        return self.name + ALPHA_SUFFIX
 
     @property
     def rank(self) -> int:
@@ -75,6 +104,7 @@ class LoraFile:
     modules: dict[str, LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
     ignored_keys: list[str] = field(default_factory=list)
+    other_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the ignored keys' tensors
 
     @property
     def title(self) -> str:
@@ -111,8 +141,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def read_lora(path: str | os.PathLike[str]) -> LoraFile:
-    """Load and validate a kohya LoRA file; raises CopyloraError naming the file on any problem."""
+def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] = (KOHYA_KEYS,)) -> LoraFile:
+    """Load and validate a LoRA file; raises CopyloraError naming the file on any problem.
+
+    key_formats: the pair names to recognise, first match wins (the merge reads kohya's only,
+    like svd_merge_lora.py; the resize reads all of KEY_FORMATS, like resize_lora.py).
+    """
     path = Path(path)
     if not path.exists():
         raise CopyloraError(f"{path}: no such file")
@@ -132,14 +166,17 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
     modules: dict[str, LoraModule] = {}
     used: set[str] = set()
     for key in tensors:
-        if not key.endswith(DOWN_SUFFIX):
+        found = _down_key_parts(key, key_formats)
+        if found is None:
             continue
-        name = key[: -len(DOWN_SUFFIX)]
-        up_key, alpha_key = name + UP_SUFFIX, name + ALPHA_SUFFIX
+        name, key_format, suffix = found
+        up_key, alpha_key = f"{name}.{key_format.up}{suffix}", name + ALPHA_SUFFIX
         if up_key not in tensors:
-            raise CopyloraError(f"{path}: module {name} has lora_down but no lora_up")
-        alpha_tensor = tensors.get(alpha_key)
-        modules[name] = _validated_module(path, name, tensors[key], tensors[up_key], alpha_tensor)
+            if not key_format.strict:
+                continue
+            raise CopyloraError(f"{path}: module {name} has {key_format.down} but no {key_format.up}")
+        module = _validated_module(path, name, tensors[key], tensors[up_key], tensors.get(alpha_key))
+        modules[name] = dataclasses.replace(module, key_format=key_format, key_suffix=suffix)
         used.update((key, up_key, alpha_key))
 
     if not modules:
@@ -147,11 +184,32 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
             f"{path}: no lora_down/lora_up pairs found ({len(tensors)} tensors): not a LoRA "
             "(a checkpoint or an embedding?)"
         )
-    orphan_up = next((k for k in tensors if k.endswith(UP_SUFFIX) and k not in used), None)
-    if orphan_up is not None:
-        raise CopyloraError(f"{path}: module {orphan_up[: -len(UP_SUFFIX)]} has lora_up but no lora_down")
+    for key_format in (f for f in key_formats if f.strict):
+        orphan_up = next((k for k in tensors if _is_pair_key(k, key_format.up) and k not in used), None)
+        if orphan_up is not None:
+            name = orphan_up.rsplit("." + key_format.up, 1)[0]
+            raise CopyloraError(f"{path}: module {name} has {key_format.up} but no {key_format.down}")
     ignored = sorted(k for k in tensors if k not in used)
-    return LoraFile(path=path, modules=modules, metadata=metadata, ignored_keys=ignored)
+    return LoraFile(
+        path=path, modules=modules, metadata=metadata, ignored_keys=ignored,
+        other_tensors={k: tensors[k] for k in ignored},
+    )
+
+
+def _down_key_parts(key: str, key_formats: tuple[KeyFormat, ...]) -> tuple[str, KeyFormat, str] | None:
+    """(module name, format, suffix) when key names a down factor: NAME.<down>.weight or NAME.<down>."""
+    parts = key.split(".")
+    for key_format in key_formats:
+        if len(parts) >= 2 and parts[-2] == key_format.down:
+            return ".".join(parts[:-2]), key_format, "." + parts[-1]
+        if parts[-1] == key_format.down:
+            return ".".join(parts[:-1]), key_format, ""
+    return None
+
+
+def _is_pair_key(key: str, word: str) -> bool:
+    parts = key.split(".")
+    return parts[-1] == word or (len(parts) >= 2 and parts[-2] == word)
 
 
 def _validated_module(

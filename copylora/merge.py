@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
+from copylora.progress import ModuleProgress
 from copylora.svd_merge import PRECISIONS, MergeRequest, merge_files
 
 PROG = "copylora.merge"
@@ -95,21 +94,8 @@ def configure_logging(quiet: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.quiet)
     request = request_from_args(args)
-    bar: tqdm | None = None
-
-    def advance(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:  # created on first progress, so a failed load prints no empty bar
-            bar = tqdm(desc="merging", unit="module", total=total, disable=args.quiet)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()  # finished: the log lines that follow start on a line of their own
-
-    try:
-        summary = merge_files(request, on_progress=advance)
-    finally:
-        if bar is not None:
-            bar.close()
+    with ModuleProgress("merging", disable=args.quiet) as progress:
+        summary = merge_files(request, on_progress=progress)
     print(summary.line())
     return 0
 

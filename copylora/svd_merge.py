@@ -33,8 +33,24 @@ PRECISIONS: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.floa
 DYNAMIC = "Dynamic"  # what resize_lora writes as ss_network_dim/alpha when ranks vary per module
 
 
+class RankFlags:
+    """What --new_rank, --new_conv_rank and --dynamic_method mean together (merge and resize)."""
+
+    new_rank: int
+    new_conv_rank: int | None
+    dynamic_method: str | None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.dynamic_method is not None
+
+    @property
+    def conv_rank(self) -> int:
+        return self.new_rank if self.new_conv_rank is None else self.new_conv_rank
+
+
 @dataclass
-class MergeRequest:
+class MergeRequest(RankFlags):
     """Everything `svd_merge_lora.py`'s flags say, plus copylora's own options."""
 
     models: list[Path]
@@ -53,14 +69,6 @@ class MergeRequest:
     dynamic_method: str | None = None  # resize_lora's sv_ratio / sv_fro / sv_cumulative
     dynamic_param: float | None = None
     report: bool = False  # measure the result against the exact delta
-
-    @property
-    def dynamic(self) -> bool:
-        return self.dynamic_method is not None
-
-    @property
-    def conv_rank(self) -> int:
-        return self.new_rank if self.new_conv_rank is None else self.new_conv_rank
 
 
 @dataclass
@@ -110,9 +118,15 @@ def validate_request(request: MergeRequest) -> None:
     if not 0.0 < request.clamp_quantile <= 1.0:
         raise CopyloraError(f"--clamp_quantile: must be in (0, 1], got {request.clamp_quantile}")
     validate_dynamic(request.dynamic_method, request.dynamic_param)
-    if request.save_to is None:
+    validate_output(request.save_to, request.models)
+    validate_device(request.device)
+
+
+def validate_output(save_to: Path | None, inputs: list[Path]) -> None:
+    """--save_to: a LoRA file name in an existing folder that is none of the inputs."""
+    if save_to is None:
         raise CopyloraError("--save_to: give the output file (.safetensors, .ckpt or .pt)")
-    save_to = Path(request.save_to)
+    save_to = Path(save_to)
     if save_to.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise CopyloraError(f"{save_to}: unsupported output type {save_to.suffix!r} (use .safetensors, .ckpt or .pt)")
     folder = save_to.parent
@@ -120,11 +134,14 @@ def validate_request(request: MergeRequest) -> None:
         raise CopyloraError(f"{save_to}: folder {folder} does not exist")
     if save_to.is_dir():
         raise CopyloraError(f"{save_to}: is a folder, not a file name")
-    for model in request.models:
+    for model in inputs:
         if Path(model).exists() and save_to.exists() and save_to.resolve() == Path(model).resolve():
             raise CopyloraError(f"{save_to}: --save_to is one of the input models; refusing to overwrite it")
-    if request.device and request.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CopyloraError(f"--device {request.device}: CUDA is not available to this torch ({torch.__version__})")
+
+
+def validate_device(device: str | None) -> None:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise CopyloraError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
 
 
 def plan_modules(
@@ -210,28 +227,43 @@ def build_metadata(
 def apply_dynamic_ranks(
     planned: list[PlannedModule], result: EngineResult, request: MergeRequest, options: SvdOptions
 ) -> list[PlannedModule]:
-    """Give each module the rank --dynamic_method picks from its spectrum (the first pass ran at
-    the cap, so every singular value is known) and make result.modules hold that rank.
+    """Give each module the rank --dynamic_method picks from its spectrum."""
+    assert request.dynamic_method is not None and request.dynamic_param is not None
+    method, param = request.dynamic_method, request.dynamic_param
+
+    def choose(job: ModuleJob, merged: MergedModule) -> int:
+        dense_size = min(job.out_features, job.in_features)
+        return dynamic_rank(merged.singular_values, job.rank, dense_size, method, param)
+
+    return apply_ranks(planned, result, choose, options, request.backend, request.device or "cpu")
+
+
+def apply_ranks(
+    planned: list[PlannedModule],
+    result: EngineResult,
+    choose: Callable[[ModuleJob, MergedModule], int],
+    options: SvdOptions,
+    backend: str,
+    device: str,
+) -> list[PlannedModule]:
+    """Give each module the rank choose(job, merged) picks (the first pass ran at the cap, so
+    every singular value is known) and make result.modules hold that rank.
 
     Without clamp the leading columns of the first pass are the answer; the clamp depends on
     the kept values, so clamped modules whose rank changed are merged again.
     """
-    assert request.dynamic_method is not None and request.dynamic_param is not None
     chosen: list[PlannedModule] = []
     changed: list[ModuleJob] = []
     for plan in planned:
         job, merged = plan.job, result.modules[plan.job.name]
-        rank = dynamic_rank(
-            merged.singular_values, job.rank, min(job.out_features, job.in_features),
-            request.dynamic_method, request.dynamic_param,
-        )
+        rank = choose(job, merged)
         if rank != job.rank:
             job = dataclasses.replace(job, rank=rank)
             changed.append(job)
             result.modules[job.name] = MergedModule(merged.up[:, :rank], merged.down[:rank], merged.singular_values)
         chosen.append(dataclasses.replace(plan, job=job))
     if options.clamps and changed:
-        again = merge_jobs(changed, options, backend=request.backend, device=request.device or "cpu")
+        again = merge_jobs(changed, options, backend=backend, device=device)
         result.modules.update(again.modules)
         result.seconds += again.seconds
     return chosen
