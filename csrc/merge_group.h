@@ -120,6 +120,13 @@ COPYLORA_HOST_DEVICE inline float* clamp_element(float* up, float* down, int64_t
   return down + (e - up_count);
 }
 
+// NaN or Inf in a factor would make LAPACK fail (CPU) or the Jacobi sort garbage (CUDA): refuse it
+// once, with the same message everywhere. P and Q are the assembled float32 factors.
+inline void check_finite(const at::Tensor& p, const at::Tensor& q) {
+  TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(),
+              "merge_group: a factor contains NaN or Inf (or overflowed float32 when scaled)");
+}
+
 // W's thin SVD for a batch of modules from their stacked factors P (B, out, R) and Q (B, R, in):
 // U (B, out, kk), S (B, m), Vh (B, kk, in), all contiguous. Dense when R >= min(out, in), where W
 // is no bigger than the factors; otherwise W = Qp (Rp Rq^T) Qq^T, so the SVD of the small R x R

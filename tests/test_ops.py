@@ -88,6 +88,9 @@ def test_fake_kernel_matches_real_shapes():
         (lambda a: a["ups"].__setitem__(0, torch.ones(12, 3, dtype=torch.int32)), "floating point"),
         (lambda a: a.update(ranks=[-1, 2]), ">= 0"),
         (lambda a: a.update(clamp_quantile=-0.5), "clamp_quantile"),
+        (lambda a: a["ups"][1].__setitem__((0, 0), float("nan")), "NaN or Inf"),
+        (lambda a: a["downs"][3].__setitem__((1, 4), float("inf")), "NaN or Inf"),
+        (lambda a: a["scales"].__setitem__((0, 1), 3e38), "NaN or Inf"),  # scaled up past float32
     ],
 )
 def test_bad_arguments_are_named(mutate, message):

@@ -4,7 +4,8 @@ Backends:
 - "ext": copylora._C (C++ on ATen, parallel across modules; CUDA kernels when built with CUDA),
   called once per group of same-shaped modules.
 - "torch": the pure-torch reference in copylora.engine.reference, one module at a time.
-"auto" picks "ext" when the extension loads, else "torch" with a warning that says why.
+"auto" picks "ext" when the extension loads, else "torch" with a warning that says why; on CUDA
+it picks "torch" until the CUDA kernel has passed bench/gpu_check.py on real hardware.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ __all__ = ["BACKEND_CHOICES", "EngineResult", "ModuleJob", "MergedModule", "SvdO
 logger = logging.getLogger("copylora")
 
 BACKEND_CHOICES = ("auto", "ext", "torch")
+
+# Set to True once bench/gpu_check.py has passed on a real GPU (its figures in bench/README.md).
+CUDA_KERNEL_VERIFIED = False
+UNVERIFIED_CUDA = "copylora._C's CUDA kernel has not been verified on GPU hardware yet (bench/README.md)"
 
 
 @dataclass
@@ -49,6 +54,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested == "ext":
             raise CopyloraError("--backend ext: copylora._C was built without CUDA kernels; rebuild with CUDA")
         logger.warning("copylora._C was built without CUDA kernels; using the pure-torch backend on %s", device)
+        return "torch"
+    if device.type == "cuda" and not CUDA_KERNEL_VERIFIED:
+        if requested == "ext":
+            logger.warning("--backend ext: %s", UNVERIFIED_CUDA)
+            return "ext"
+        logger.info("%s; using the torch backend on %s (--backend ext runs the kernel)", UNVERIFIED_CUDA, device)
         return "torch"
     return "ext"
 

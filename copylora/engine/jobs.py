@@ -38,6 +38,14 @@ class ModuleJob:
     scales: list[float]
     rank: int
 
+    def __post_init__(self) -> None:
+        # zip() over mismatched lists would silently drop inputs; every backend relies on this
+        if not len(self.ups) == len(self.downs) == len(self.scales) > 0:
+            raise ValueError(
+                f"module {self.name}: {len(self.ups)} ups, {len(self.downs)} downs and {len(self.scales)} scales; "
+                "give one scale per factor pair (at least one pair)"
+            )
+
     @property
     def out_features(self) -> int:
         return self.ups[0].shape[0]

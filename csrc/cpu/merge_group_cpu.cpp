@@ -179,6 +179,7 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
                       q_data + (b - begin) * g.total_rank * g.in);
     }
   });
+  check_finite(p, q);
   const int64_t kk = g.computed;
   auto [u, s, vh] = factored_svd(g, p, q, [](const at::Tensor& cores) {
     return at::linalg_svd(cores, /*full_matrices=*/false);
