@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 
 from copylora import __version__
-from copylora.lora_file import serialize_safetensors
+from copylora.lora_file import SerializedTensors
 
 SS_V2 = "ss_v2"
 SS_BASE_MODEL_VERSION = "ss_base_model_version"
@@ -64,18 +64,22 @@ def network_metadata(
     return metadata
 
 
-def weight_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+def weight_hashes(
+    tensors: Mapping[str, torch.Tensor] | SerializedTensors, metadata: Mapping[str, str]
+) -> dict[str, str]:
     """sshs_model_hash and sshs_legacy_hash, as sd-webui-additional-networks defines them.
 
     model hash: sha256 of the bytes after the safetensors header (the tensor data);
     legacy hash: first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB of the whole file.
-    Both over the file serialized with only the ss_* metadata.
+    Both over the file serialized with only the ss_* metadata; pass the tensors already
+    serialized to hash the bytes that will be written.
     """
-    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = serialize_safetensors(tensors, ss_only)
-    header_end = 8 + int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(memoryview(data)[header_end:]).hexdigest()
-    legacy = data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]
+    layout = tensors if isinstance(tensors, SerializedTensors) else SerializedTensors.of(tensors)
+    model_hash = hashlib.sha256(layout.data).hexdigest()
+    header = layout.header({k: v for k, v in metadata.items() if k.startswith("ss_")})
+    # the window of the whole file, from the header and the data without joining them
+    start, end = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH
+    legacy = header[start:end] + layout.data[max(start - len(header), 0) : max(end - len(header), 0)]
     return {"sshs_model_hash": model_hash, "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
 
 

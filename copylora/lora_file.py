@@ -239,27 +239,39 @@ def _validated_module(
     return LoraModule(name=name, down=down, up=up, alpha=alpha_value)
 
 
-def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
-    """The exact bytes safetensors writes for these tensors and metadata."""
-    return save(dict(tensors), metadata=dict(metadata) if metadata else None)
+@dataclass(frozen=True)
+class SerializedTensors:
+    """Tensors serialized once, as safetensors lays them out: the data section and its index.
 
-
-def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
-    """safetensors bytes with a reproducible header: metadata keys sorted, tensors by offset.
-
-    safetensors writes its metadata map in a random order per call, so equal inputs would give
-    different bytes; the tensor data (what sshs_model_hash covers) is left exactly as written.
+    The same bytes serve the sshs_* hashes (over the data, with an ss_*-only header) and the file
+    (with the full header), so nothing is serialized twice.
     """
-    raw = serialize_safetensors(tensors, metadata)
-    header_end = 8 + int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:header_end])
-    ordered: dict[str, object] = {}
-    if "__metadata__" in header:
-        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
-    ordered.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the data must start 8-byte aligned
-    return len(text).to_bytes(8, "little") + text + raw[header_end:]
+
+    entries: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}, in data order
+    data: memoryview  # the data section, exactly as safetensors writes it
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> "SerializedTensors":
+        raw = save(dict(tensors))
+        header_end = 8 + int.from_bytes(raw[:8], "little")
+        index = json.loads(raw[8:header_end])
+        index.pop("__metadata__", None)
+        entries = dict(sorted(index.items(), key=lambda item: item[1]["data_offsets"][0]))
+        return cls(entries=entries, data=memoryview(raw)[header_end:])
+
+    def header(self, metadata: Mapping[str, str] | None) -> bytes:
+        """A reproducible header: metadata keys sorted, tensors by offset, 8-byte aligned.
+
+        safetensors writes its metadata map in a random order per call, so equal inputs would
+        give different files; this header has the same length and meaning, in a fixed order.
+        """
+        ordered: dict[str, object] = {}
+        if metadata:
+            ordered["__metadata__"] = dict(sorted(metadata.items()))
+        ordered.update(self.entries)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the data must start 8-byte aligned
+        return len(text).to_bytes(8, "little") + text
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -290,17 +302,24 @@ def _umask() -> int:
 
 
 def write_lora(
-    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    serialized: SerializedTensors | None = None,
 ) -> None:
-    """Write a LoRA like stock: safetensors with metadata, or torch.save for .ckpt/.pt/.pth."""
+    """Write a LoRA like stock: safetensors with metadata, or torch.save for .ckpt/.pt/.pth.
+
+    serialized: `tensors` already serialized (for their hashes), written as they are.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        data = canonical_safetensors(tensors, metadata)
+        layout = serialized or SerializedTensors.of(tensors)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
-                handle.write(data)
+                handle.write(layout.header(metadata))
+                handle.write(layout.data)
                 handle.flush()
                 os.fsync(handle.fileno())
 

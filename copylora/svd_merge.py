@@ -24,7 +24,15 @@ from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, m
 from copylora.engine.reference import stacked_factors
 from copylora.fidelity import ModuleFidelity, Summary, as_factors, measure_module, totals_line
 from copylora.errors import CopyloraError
-from copylora.lora_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, LoraFile, LoraModule, read_lora, write_lora
+from copylora.lora_file import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    LoraFile,
+    LoraModule,
+    SerializedTensors,
+    read_lora,
+    write_lora,
+)
 from copylora.naming import BlockWeights, parse_lbws
 
 logger = logging.getLogger("copylora")
@@ -144,6 +152,12 @@ def validate_device(device: str | None) -> None:
         raise CopyloraError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
 
 
+def at_merge_precision(factor: torch.Tensor, merge_dtype: torch.dtype) -> torch.Tensor:
+    """The factor rounded as stock rounds it to --precision. Every engine computes in float32, so
+    for float32 the engine's own cast is the same rounding, without a float32 copy of every input."""
+    return factor if merge_dtype == torch.float32 else factor.to(merge_dtype)
+
+
 def plan_modules(
     files: list[LoraFile], ratios: list[float], lbws: list[BlockWeights] | None, request: MergeRequest
 ) -> list[PlannedModule]:
@@ -170,8 +184,8 @@ def plan_modules(
         rank = min(request.conv_rank if conv3x3 else request.new_rank, in_channels, out_features)
         job = ModuleJob(
             name=name,
-            ups=[m.up.reshape(m.up.shape[0], m.rank).to(merge_dtype) for _, m, _ in entries],
-            downs=[m.down.reshape(m.rank, -1).to(merge_dtype) for _, m, _ in entries],
+            ups=[at_merge_precision(m.up.reshape(m.up.shape[0], m.rank), merge_dtype) for _, m, _ in entries],
+            downs=[at_merge_precision(m.down.reshape(m.rank, -1), merge_dtype) for _, m, _ in entries],
             scales=[s for _, _, s in entries],
             rank=rank,
         )
@@ -196,9 +210,7 @@ def output_tensors(
     return tensors
 
 
-def build_metadata(
-    request: MergeRequest, files: list[LoraFile], tensors: dict[str, torch.Tensor]
-) -> dict[str, str]:
+def build_metadata(request: MergeRequest, files: list[LoraFile], serialized: SerializedTensors) -> dict[str, str]:
     base = kohya_metadata.BaseModelInfo.from_metadata([f.metadata for f in files])
     conv_rank = request.conv_rank
     if request.dynamic:
@@ -214,7 +226,7 @@ def build_metadata(
         metadata = kohya_metadata.network_metadata(
             base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
         )
-    metadata.update(kohya_metadata.weight_hashes(tensors, metadata))
+    metadata.update(kohya_metadata.weight_hashes(serialized, metadata))
     if not request.no_metadata:
         if base.is_v2:
             logger.warning("a LoRA does not say whether it is v-prediction; saving modelspec as v-prediction, like stock")
@@ -317,14 +329,16 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
     merge_dtype = PRECISIONS[request.precision]
     save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
     tensors = output_tensors(planned, result.modules, merge_dtype, save_dtype)
-    logger.info("calculating hashes and creating metadata...")
-    metadata = build_metadata(request, files, tensors)
-    logger.info("saving model to: %s", request.save_to)
-    write_lora(request.save_to, tensors, metadata)
     fidelity = None
     if request.report:
         total = Summary("total", measure_merge(planned, result.modules, tensors))
         fidelity = totals_line(total, request.save_precision or request.precision)
+    result.modules.clear()  # the engine's float32 batches: not needed past this point
+    logger.info("calculating hashes and creating metadata...")
+    serialized = SerializedTensors.of(tensors)  # once: hashed, then written
+    metadata = build_metadata(request, files, serialized)
+    logger.info("saving model to: %s", request.save_to)
+    write_lora(request.save_to, tensors, metadata, serialized)
     return MergeSummary(
         output=Path(request.save_to),
         backend=result.backend,
