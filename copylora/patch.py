@@ -1,14 +1,23 @@
 """`python -m copylora.patch install|uninstall|status --sd-scripts DIR`: make an sd-scripts checkout's
-networks/svd_merge_lora.py run copylora's merge, and undo it byte for byte."""
+networks/svd_merge_lora.py and networks/resize_lora.py run copylora's merge and resize, and undo it
+byte for byte."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from copylora.kohya import checkout as sd_checkout
 from copylora.errors import run_cli
+from copylora.kohya import checkout as sd_checkout
+from copylora.kohya.job import default_python
+
+EPILOG = """exit codes: install: 0 done, 1 installed but kohya's Python cannot import copylora yet (the
+patched scripts run the originals until it can; the pip command to fix it is printed);
+status: 0 every script is patched, 1 a script is not installed, 3 modified by someone else;
+all: 2 bad input (not an sd-scripts folder, a refused install/uninstall)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m copylora.patch",
         description=(
             "Make an sd-scripts checkout (or the sd-scripts/ folder of a Kohya's GUI install) run "
-            "copylora's merge when `python networks/svd_merge_lora.py ...` is called. The original "
-            "script is kept beside it and runs instead whenever copylora cannot be imported."
+            "copylora's merge and resize when `python networks/svd_merge_lora.py ...` or "
+            "`python networks/resize_lora.py ...` is called. Each original script is kept beside it "
+            "and runs instead whenever copylora cannot be imported."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "action",
@@ -37,17 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="install/uninstall even if the shim or the kept original were changed by someone else",
     )
+    parser.add_argument(
+        "--python",
+        metavar="PYTHON",
+        default=None,
+        help="install: the Python that runs sd-scripts, checked for copylora (default: the checkout's "
+        "venv, or Kohya's GUI's, else this Python)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     root = sd_checkout.find_checkout(args.sd_scripts)
     if args.action == "status":
-        print(sd_checkout.inspect(root).describe())
-    elif args.action == "install":
-        print(sd_checkout.install(root, force=args.force))
-    else:
-        print(sd_checkout.uninstall(root, force=args.force))
+        states = [sd_checkout.inspect(root, script) for script in sd_checkout.SCRIPTS]
+        for state in states:
+            print(state.describe())
+        return sd_checkout.status_exit_code(states)
+    if args.action == "uninstall":
+        print("\n".join(sd_checkout.uninstall_all(root, force=args.force)))
+        return 0
+    print("\n".join(sd_checkout.install_all(root, force=args.force)))
+    # a name on PATH or a path relative to the caller's folder
+    python = str(Path(shutil.which(args.python) or args.python).absolute()) if args.python else default_python(root)
+    problem = sd_checkout.import_problem(python, root)
+    if problem is not None:
+        print(
+            f"copylora.patch: warning: {python} cannot import copylora ({problem}); until it can, the "
+            f"patched scripts run the kept originals. Install it there: {sd_checkout.pip_install_command(python)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{python} imports copylora: the patched scripts run it (undo: python -m copylora.patch uninstall --sd-scripts {root})")
     return 0
 
 

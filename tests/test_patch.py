@@ -57,7 +57,9 @@ STANDIN_ORIGINAL = textwrap.dedent(
     '''
 ).encode()
 
-# A fake copylora whose merge.main records argv; used to check the shim's hand-off on its own.
+STANDIN_RESIZE = STANDIN_ORIGINAL.replace(b"svd_merge_lora.py", b"resize_lora.py")
+
+# A fake copylora whose merge.main and resize.main record argv; used to check the shim's hand-off on its own.
 FAKE_COPYLORA_MERGE = textwrap.dedent(
     '''\
     import json
@@ -66,7 +68,7 @@ FAKE_COPYLORA_MERGE = textwrap.dedent(
     def main(argv):
         save_to = argv[argv.index("--save_to") + 1]
         with open(save_to + ".copylora.json", "w") as f:
-            json.dump({"argv": list(argv), "sys_path": sys.path}, f)
+            json.dump({"argv": list(argv), "sys_path": sys.path, "module": __name__}, f)
         return int(argv[argv.index("--exit_code") + 1]) if "--exit_code" in argv else 0
     '''
 )
@@ -87,6 +89,16 @@ def make_checkout(root: Path) -> Path:
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     return make_checkout(tmp_path / "sd-scripts")
+
+
+@pytest.fixture
+def both(tmp_path: Path) -> Path:
+    """A checkout with both scripts copylora replaces (an old checkout may lack resize_lora.py)."""
+    root = make_checkout(tmp_path / "sd-scripts")
+    resize = root / NETWORKS / "resize_lora.py"
+    resize.write_bytes(STANDIN_RESIZE)
+    resize.chmod(0o755)
+    return root
 
 
 @pytest.fixture
@@ -130,7 +142,8 @@ def fake_copylora(tmp_path: Path) -> Path:
     folder = tmp_path / "fake_copylora"
     (folder / "copylora").mkdir(parents=True)
     (folder / "copylora" / "__init__.py").write_text("")
-    (folder / "copylora" / "merge.py").write_text(FAKE_COPYLORA_MERGE)
+    for command in ("merge", "resize"):  # the same recorder stands in for both commands
+        (folder / "copylora" / f"{command}.py").write_text(FAKE_COPYLORA_MERGE)
     return folder
 
 
@@ -157,9 +170,9 @@ def test_install_then_uninstall_restores_bytes_and_mode(checkout: Path, capsys) 
     target = networks / "svd_merge_lora.py"
     assert target.read_bytes() == sd_checkout.shim_path().read_bytes()
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
-    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL
-    assert stat.S_IMODE((networks / sd_checkout.KEPT).stat().st_mode) == 0o755
-    record = json.loads((networks / sd_checkout.SIDECAR).read_text())
+    assert (networks / sd_checkout.MERGE_SCRIPT.kept).read_bytes() == STANDIN_ORIGINAL
+    assert stat.S_IMODE((networks / sd_checkout.MERGE_SCRIPT.kept).stat().st_mode) == 0o755
+    record = json.loads((networks / sd_checkout.MERGE_SCRIPT.sidecar).read_text())
     assert record["original_sha256"] == sd_checkout.sha256(STANDIN_ORIGINAL)
     assert record["shim_sha256"] == sd_checkout.sha256(target.read_bytes())
     code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(checkout))
@@ -197,7 +210,7 @@ def test_gui_root_and_cli_subcommand(gui_root: Path, capsys) -> None:
 def test_default_dir_is_the_current_folder(checkout: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(checkout)
     code, out, _ = run_patch(capsys, "status")
-    assert code == 0 and out.startswith("not installed:")
+    assert code == 1 and out.startswith("not installed:")
 
 
 @pytest.mark.parametrize("layout", ["empty", "missing", "networks_only", "networks_folder_itself"])
@@ -241,7 +254,7 @@ def test_changed_shim_is_refused_without_force(checkout: Path, capsys) -> None:
 def test_changed_kept_original_is_refused_and_force_keeps_it(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
     sd_checkout.install(checkout)
-    kept = networks / sd_checkout.KEPT
+    kept = networks / sd_checkout.MERGE_SCRIPT.kept
     changed = STANDIN_ORIGINAL + b"# a local fix\n"
     kept.write_bytes(changed)
     assert "the kept original networks/svd_merge_lora.copylora-original.py was changed" in status_line(checkout)
@@ -258,10 +271,10 @@ def test_changed_kept_original_is_refused_and_force_keeps_it(checkout: Path, cap
 def test_missing_or_broken_sidecar_is_a_modification(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
     sd_checkout.install(checkout)
-    (networks / sd_checkout.SIDECAR).write_text("{not json")
+    (networks / sd_checkout.MERGE_SCRIPT.sidecar).write_text("{not json")
     assert "unreadable" in status_line(checkout)
     assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 2
-    (networks / sd_checkout.SIDECAR).unlink()
+    (networks / sd_checkout.MERGE_SCRIPT.sidecar).unlink()
     assert "is missing" in status_line(checkout)
     assert run_patch(capsys, "uninstall", "--force", "--sd-scripts", str(checkout))[0] == 0
     assert (networks / "svd_merge_lora.py").read_bytes() == STANDIN_ORIGINAL
@@ -285,7 +298,7 @@ def test_target_replaced_after_install(checkout: Path, capsys) -> None:
     (networks / "svd_merge_lora.py").write_bytes(newer + b"# again\n")
     code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("installed:")
-    assert (networks / sd_checkout.KEPT).read_bytes() == newer + b"# again\n"
+    assert (networks / sd_checkout.MERGE_SCRIPT.kept).read_bytes() == newer + b"# again\n"
     assert status_line(checkout).startswith("installed:")
     assert run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))[0] == 0
     assert (networks / "svd_merge_lora.py").read_bytes() == newer + b"# again\n"
@@ -295,7 +308,7 @@ def test_target_replaced_and_kept_changed_is_refused(checkout: Path, capsys) -> 
     networks = checkout / NETWORKS
     sd_checkout.install(checkout)
     (networks / "svd_merge_lora.py").write_bytes(STANDIN_ORIGINAL + b"# new\n")
-    (networks / sd_checkout.KEPT).write_bytes(STANDIN_ORIGINAL + b"# edited backup\n")
+    (networks / sd_checkout.MERGE_SCRIPT.kept).write_bytes(STANDIN_ORIGINAL + b"# edited backup\n")
     assert status_line(checkout).startswith("modified by someone else:")
     before = snapshot(networks)
     for action in ("install", "uninstall"):
@@ -303,7 +316,7 @@ def test_target_replaced_and_kept_changed_is_refused(checkout: Path, capsys) -> 
     assert snapshot(networks) == before
     # --force: install keeps the script in place as the original; uninstall leaves it in place
     assert run_patch(capsys, "install", "--force", "--sd-scripts", str(checkout))[0] == 0
-    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL + b"# new\n"
+    assert (networks / sd_checkout.MERGE_SCRIPT.kept).read_bytes() == STANDIN_ORIGINAL + b"# new\n"
     assert status_line(checkout).startswith("installed:")
 
 
@@ -312,7 +325,7 @@ def test_interrupted_install_of_a_replaced_script_is_finished(checkout: Path) ->
     sd_checkout.install(checkout)
     newer = STANDIN_ORIGINAL + b"# upstream update\n"
     (networks / "svd_merge_lora.py").write_bytes(newer)
-    (networks / sd_checkout.KEPT).write_bytes(newer)  # install got as far as keeping the new original
+    (networks / sd_checkout.MERGE_SCRIPT.kept).write_bytes(newer)  # install got as far as keeping the new original
     assert status_line(checkout).startswith("not installed:")
     sd_checkout.install(checkout)
     assert status_line(checkout).startswith("installed:")
@@ -323,7 +336,7 @@ def test_interrupted_install_of_a_replaced_script_is_finished(checkout: Path) ->
 def test_shim_without_kept_original_is_refused_even_with_force(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
     sd_checkout.install(checkout)
-    (networks / sd_checkout.KEPT).unlink()
+    (networks / sd_checkout.MERGE_SCRIPT.kept).unlink()
     assert "kept original" in status_line(checkout) and "missing" in status_line(checkout)
     for action in ("install", "uninstall"):
         code, _, err = run_patch(capsys, action, "--force", "--sd-scripts", str(checkout))
@@ -335,16 +348,16 @@ def test_interrupted_runs_are_finished(checkout: Path, capsys) -> None:
     networks = checkout / NETWORKS
     before = snapshot(networks)
     # install stopped after keeping the original: a copy beside the untouched target
-    shutil.copy2(networks / "svd_merge_lora.py", networks / sd_checkout.KEPT)
+    shutil.copy2(networks / "svd_merge_lora.py", networks / sd_checkout.MERGE_SCRIPT.kept)
     line = status_line(checkout)
     assert line.startswith("not installed:") and "leftover" in line
     code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(checkout))
     assert code == 0 and "removed leftover" in out and snapshot(networks) == before
     # uninstall stopped after restoring the target and dropping the kept copy: only the sidecar is left
     sd_checkout.install(checkout)
-    sidecar = (networks / sd_checkout.SIDECAR).read_bytes()
+    sidecar = (networks / sd_checkout.MERGE_SCRIPT.sidecar).read_bytes()
     sd_checkout.uninstall(checkout)
-    (networks / sd_checkout.SIDECAR).write_bytes(sidecar)
+    (networks / sd_checkout.MERGE_SCRIPT.sidecar).write_bytes(sidecar)
     assert "leftover" in status_line(checkout)
     assert run_patch(capsys, "install", "--sd-scripts", str(checkout))[0] == 0
     assert status_line(checkout).startswith("installed:")
@@ -362,7 +375,7 @@ def test_older_shim_is_updated_without_force(checkout: Path, capsys, monkeypatch
     code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(checkout))
     assert code == 0 and out.startswith("updated the shim")
     assert status_line(checkout).startswith("installed:")
-    assert (networks / sd_checkout.KEPT).read_bytes() == STANDIN_ORIGINAL
+    assert (networks / sd_checkout.MERGE_SCRIPT.kept).read_bytes() == STANDIN_ORIGINAL
 
 
 def test_writes_are_atomic(checkout: Path, monkeypatch) -> None:
@@ -387,16 +400,108 @@ def test_writes_are_atomic(checkout: Path, monkeypatch) -> None:
 
 def test_shim_source_is_found_and_marked() -> None:
     path = sd_checkout.shim_path()
-    assert path == REPO / "sd_scripts_patch" / "svd_merge_lora.py"
-    assert sd_checkout.shim_version(path.read_bytes()) == 1
+    assert path == REPO / "sd_scripts_patch" / "shim.py"
+    assert sd_checkout.shim_version(path.read_bytes()) == 2
     assert sd_checkout.shim_version(STANDIN_ORIGINAL) is None
     spec = importlib.util.spec_from_file_location("copylora_shim_under_test", path)
     shim_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shim_module)  # importing it (not as __main__) runs nothing
-    assert shim_module.KEPT_ORIGINAL == sd_checkout.KEPT and shim_module.SIDECAR == sd_checkout.SIDECAR
+    # the shim (stdlib only, runs under kohya's Python) and the installer agree on every name
+    assert shim_module.COMMANDS == {script.stem: script.command for script in sd_checkout.SCRIPTS}
+    for script in sd_checkout.SCRIPTS:
+        assert shim_module.kept_original_name(script.stem) == script.kept
+        assert shim_module.sidecar_name(script.stem) == script.sidecar
+
+
+def test_both_scripts_install_status_and_uninstall(both: Path, capsys) -> None:
+    networks = both / NETWORKS
+    before = snapshot(networks)
+    code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(both))
+    assert code == 1 and out.count("not installed:") == 2
+
+    code, out, _ = run_patch(capsys, "install", "--sd-scripts", str(both))
+    assert code == 0, out
+    assert "svd_merge_lora.py runs copylora.merge" in out and "resize_lora.py runs copylora.resize" in out
+    assert "imports copylora: the patched scripts run it" in out
+    shim = sd_checkout.shim_path().read_bytes()
+    for script, original in ((sd_checkout.MERGE_SCRIPT, STANDIN_ORIGINAL), (sd_checkout.RESIZE_SCRIPT, STANDIN_RESIZE)):
+        assert (networks / script.target).read_bytes() == shim
+        assert (networks / script.kept).read_bytes() == original
+        assert json.loads((networks / script.sidecar).read_text())["original_sha256"] == sd_checkout.sha256(original)
+    code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(both))
+    assert code == 0 and out.count("installed:") == 2
+
+    code, out, _ = run_patch(capsys, "uninstall", "--sd-scripts", str(both))
+    assert code == 0 and out.count("uninstalled:") == 2
+    assert snapshot(networks) == before
+
+
+def test_status_exit_codes(both: Path, capsys) -> None:
+    sd_checkout.install(both, sd_checkout.MERGE_SCRIPT)  # one of two patched
+    code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(both))
+    assert code == 1 and "installed:" in out and "not installed:" in out
+    sd_checkout.install(both, sd_checkout.RESIZE_SCRIPT)
+    assert run_patch(capsys, "status", "--sd-scripts", str(both))[0] == 0
+    shim = both / NETWORKS / "resize_lora.py"
+    shim.write_bytes(shim.read_bytes() + b"# edit\n")
+    code, out, _ = run_patch(capsys, "status", "--sd-scripts", str(both))
+    assert code == 3 and "modified by someone else: the shim networks/resize_lora.py was changed" in out
+    help_text = patch.build_parser().format_help()
+    assert "1 a script is not installed" in help_text and "3 modified by someone else" in help_text
+
+
+def test_a_refused_script_stops_install_before_any_write(both: Path, capsys) -> None:
+    networks = both / NETWORKS
+    (networks / sd_checkout.RESIZE_SCRIPT.kept).write_bytes(b"someone's file\n")  # kept copy, no sidecar
+    before = snapshot(networks)
+    code, _, err = run_patch(capsys, "install", "--sd-scripts", str(both))
+    assert code == 2 and "resize_lora.py" in err and "--force" in err
+    assert snapshot(networks) == before
+
+
+def python_without_copylora(tmp_path: Path) -> Path:
+    """An executable 'kohya Python' that cannot import copylora."""
+    wrapper = tmp_path / "kohya venv" / "bin" / "python"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{hide_copylora(tmp_path)}" exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in Python is a POSIX shell script")
+def test_install_checks_that_kohyas_python_imports_copylora(both: Path, tmp_path: Path, capsys) -> None:
+    python = python_without_copylora(tmp_path)
+    code, out, err = run_patch(capsys, "install", "--sd-scripts", str(both), "--python", str(python))
+    assert code == 1
+    assert out.count("installed:") == 2  # the patch is in place: the shims fall back to the originals
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert f"{python} cannot import copylora (ModuleNotFoundError" in line
+    assert line.endswith(f'"{python}" -m pip install --no-build-isolation "{REPO}"')
+    # the venv kohya's install makes is found without --python
+    venv = both / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(python)
+    code, _, err = run_patch(capsys, "install", "--sd-scripts", str(both))
+    assert code == 1 and f'"{venv / "python"}" -m pip install' in err
 
 
 # ---------------------------------------------------------------- running the patched script
+
+
+def test_resize_shim_hands_argv_to_copylora_resize(both: Path, tmp_path: Path) -> None:
+    sd_checkout.install_all(both)
+    out = tmp_path / "out.safetensors"
+    args = ["--model", "in.safetensors", "--new_rank", "4", "--save_to", str(out), "--exit_code", "4"]
+    proc = run_script(both, "networks/resize_lora.py", args, [fake_copylora(tmp_path)])
+    assert proc.returncode == 4 and proc.stderr == ""
+    record = json.loads(Path(str(out) + ".copylora.json").read_text())
+    assert record["module"] == "copylora.resize" and record["argv"] == args
+    # without copylora, the kept resize_lora.py runs, after one warning line naming copylora.resize
+    proc = run_script(both, "networks/resize_lora.py", ["--save_to", str(out)], [hide_copylora(tmp_path), both])
+    assert proc.returncode == 0 and proc.stderr.startswith("copylora: copylora.resize is not importable")
+    original_run = json.loads(Path(str(out) + ".original.json").read_text())
+    assert Path(original_run["file"]).name == "resize_lora.py"
 
 
 def test_shim_hands_argv_and_exit_code_to_copylora_merge(checkout: Path, tmp_path: Path) -> None:
@@ -532,11 +637,24 @@ def test_patched_script_writes_what_copylora_merge_writes(tmp_path: Path, layout
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_patched_resize_writes_what_copylora_resize_writes(both: Path, tmp_path: Path) -> None:
+    sd_checkout.install_all(both)
+    write_lora(tmp_path / "A.safetensors", 1)
+    flags = ["--model", str(tmp_path / "A.safetensors"), "--new_rank", "2", "--save_precision", "fp16"]
+    shim_out, direct_out = tmp_path / "shim.safetensors", tmp_path / "direct.safetensors"
+    proc = run_script(both, "networks/resize_lora.py", [*flags, "--save_to", str(shim_out)], [REPO])
+    assert proc.returncode == 0 and "not importable" not in proc.stderr, proc.stderr
+    direct = subprocess.run([sys.executable, "-m", "copylora.resize", *flags, "--save_to", str(direct_out)],
+                            cwd=tmp_path, env=env_with([REPO]), capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+    assert load_output(shim_out) == load_output(direct_out) and len(load_output(shim_out)[0]) > 0
+
+
 # ---------------------------------------------------------------- a real sd-scripts checkout (opt-in)
 
 
 def stock_flags(script: Path) -> list[str]:
-    """Every --flag the stock svd_merge_lora.py defines, read from its source with ast."""
+    """Every --flag a stock script defines, read from its source with ast."""
     flags = []
     for node in ast.walk(ast.parse(script.read_bytes())):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
@@ -551,25 +669,34 @@ def test_real_checkout_accepts_every_stock_flag(tmp_path: Path) -> None:
         pytest.skip("set COPYLORA_SD_SCRIPTS to an sd-scripts checkout")
     root = tmp_path / "sd-scripts"
     shutil.copytree(real, root, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    if sd_checkout.inspect(root).kind != sd_checkout.NOT_INSTALLED:  # the given checkout is patched already
-        sd_checkout.uninstall(root)
-    original = (root / NETWORKS / "svd_merge_lora.py").read_bytes()
-    assert sd_checkout.shim_version(original) is None
-    sd_checkout.install(root)
-    flags = stock_flags(root / NETWORKS / sd_checkout.KEPT)
+    sd_checkout.uninstall_all(root, force=True)  # the given checkout may be patched already
+    originals = {s.target: (root / NETWORKS / s.target).read_bytes() for s in sd_checkout.SCRIPTS}
+    assert all(sd_checkout.shim_version(data) is None for data in originals.values())
+    sd_checkout.install_all(root)
     write_lora(tmp_path / "A.safetensors", 1)
     write_lora(tmp_path / "B.safetensors", 2)
+    out = str(tmp_path / "out.safetensors")
     values = {
-        "--save_precision": ["fp16"], "--precision": ["float"], "--save_to": [str(tmp_path / "out.safetensors")],
-        "--models": [str(tmp_path / "B.safetensors"), str(tmp_path / "A.safetensors")], "--ratios": ["1", "-1"],
-        "--lbws": ["[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]", "[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]"],
-        "--new_rank": ["4"], "--new_conv_rank": ["4"], "--device": ["cpu"], "--no_metadata": [],
+        sd_checkout.MERGE_SCRIPT: {
+            "--save_precision": ["fp16"], "--precision": ["float"], "--save_to": [out],
+            "--models": [str(tmp_path / "B.safetensors"), str(tmp_path / "A.safetensors")], "--ratios": ["1", "-1"],
+            "--lbws": ["[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]", "[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]"],
+            "--new_rank": ["4"], "--new_conv_rank": ["4"], "--device": ["cpu"], "--no_metadata": [],
+        },
+        sd_checkout.RESIZE_SCRIPT: {
+            "--save_precision": ["fp16"], "--new_rank": ["4"], "--new_conv_rank": ["2"], "--save_to": [out],
+            "--model": [str(tmp_path / "A.safetensors")], "--device": ["cpu"], "--verbose": [],
+            "--dynamic_method": ["sv_fro"], "--dynamic_param": ["0.9"],
+        },
     }
-    unknown = [f for f in flags if f not in values]
-    assert not unknown, f"stock svd_merge_lora.py has flags this test does not know: {unknown}"
-    argv = [x for f in flags for x in (f, *values[f])]
-    proc = run_script(root, "networks/svd_merge_lora.py", argv, [REPO])
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out.safetensors").is_file()
-    sd_checkout.uninstall(root)
-    assert (root / NETWORKS / "svd_merge_lora.py").read_bytes() == original
+    for script, known in values.items():
+        flags = stock_flags(root / NETWORKS / script.kept)
+        unknown = [f for f in flags if f not in known]
+        assert not unknown, f"stock {script.target} has flags this test does not know: {unknown}"
+        argv = [x for f in flags for x in (f, *known[f])]
+        proc = run_script(root, f"networks/{script.target}", argv, [REPO])
+        assert proc.returncode == 0 and "not importable" not in proc.stderr, proc.stderr
+        assert Path(out).is_file()
+        Path(out).unlink()
+    sd_checkout.uninstall_all(root)
+    assert {t: (root / NETWORKS / t).read_bytes() for t in originals} == originals

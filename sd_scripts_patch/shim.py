@@ -1,25 +1,38 @@
-# copylora shim v1
+# copylora shim v2
 #
-# This file was put here by `python -m copylora.patch install`. It runs copylora's fast merge
-# (`python -m copylora.merge`, same flags and output format) in place of kohya's
-# networks/svd_merge_lora.py, which is kept unchanged beside it as
-# svd_merge_lora.copylora-original.py.
+# This file was put here by `python -m copylora.patch install`, as networks/svd_merge_lora.py and
+# as networks/resize_lora.py. It runs copylora's fast merge or resize (`python -m copylora.merge`
+# or `copylora.resize`: same flags and output format, picked by this file's name) in place of
+# kohya's script, which is kept unchanged beside it as NAME.copylora-original.py.
 #
 # If the Python running this file cannot import copylora, the kept original runs instead,
 # after a one-line warning. Set COPYLORA_USE_ORIGINAL=1 to run the original on purpose.
 #
-# Undo (restores the original byte for byte):
+# Undo (restores the originals byte for byte):
 #     python -m copylora.patch uninstall --sd-scripts <this sd-scripts folder>
+import importlib
 import os
 import sys
 import types
 
-KEPT_ORIGINAL = "svd_merge_lora.copylora-original.py"
-SIDECAR = "svd_merge_lora.copylora.json"
+# kohya script name -> the copylora command that replaces it
+COMMANDS = {"svd_merge_lora": "copylora.merge", "resize_lora": "copylora.resize"}
 
 
 def _here():
     return os.path.dirname(os.path.abspath(__file__))
+
+
+def _stem():
+    return os.path.splitext(os.path.basename(__file__))[0]
+
+
+def kept_original_name(stem):
+    return stem + ".copylora-original.py"
+
+
+def sidecar_name(stem):
+    return stem + ".copylora.json"
 
 
 def _install_hint():
@@ -28,7 +41,7 @@ def _install_hint():
     try:
         import json
 
-        with open(os.path.join(_here(), SIDECAR), encoding="utf-8") as f:
+        with open(os.path.join(_here(), sidecar_name(_stem())), encoding="utf-8") as f:
             source = json.load(f).get("copylora_source")
     except Exception:  # the hint is best-effort; never fail over it
         pass
@@ -36,8 +49,8 @@ def _install_hint():
     return '"%s" -m pip install --no-build-isolation %s' % (sys.executable, where)
 
 
-def _import_copylora_merge():
-    """copylora.merge.main, imported (and later run) as `python -m copylora.merge` would see it.
+def _import_command(command):
+    """COMMAND.main, imported (and later run) as `python -m COMMAND` would see it.
 
     `python networks/svd_merge_lora.py` puts networks/ first on sys.path; kohya's modules there
     must not shadow anything copylora imports, so that entry is dropped. If the import fails,
@@ -47,15 +60,14 @@ def _import_copylora_merge():
     here = os.path.normcase(_here())
     sys.path[:] = [p for p in sys.path if os.path.normcase(os.path.abspath(p or os.curdir)) != here]
     try:
-        from copylora.merge import main as merge_main
+        return importlib.import_module(command).main
     except BaseException:
         sys.path[:] = saved
         raise
-    return merge_main
 
 
 def _run_original(path):
-    """Run the kept original as if it were networks/svd_merge_lora.py run as a script.
+    """Run the kept original as if it were this networks/ script run as a script.
 
     Its __name__ is "__main__" and its __file__ is this file's path (the same folder), sys.argv
     and sys.path are untouched, so `import lora` and `from library import ...` resolve exactly
@@ -77,16 +89,21 @@ def _run_original(path):
 
 
 def main():
-    original = os.path.join(_here(), KEPT_ORIGINAL)
+    stem = _stem()
+    if stem not in COMMANDS:
+        raise SystemExit("copylora shim: %s is not one of the scripts copylora replaces (%s)"
+                         % (os.path.abspath(__file__), ", ".join(name + ".py" for name in COMMANDS)))
+    command = COMMANDS[stem]
+    original = os.path.join(_here(), kept_original_name(stem))
     if os.environ.get("COPYLORA_USE_ORIGINAL", "") not in ("", "0"):
         return _run_original(original)
     try:
-        merge_main = _import_copylora_merge()
+        command_main = _import_command(command)
         problem = None
     except ImportError as exc:
-        merge_main, problem = None, exc
-    if merge_main is not None:
-        return merge_main(sys.argv[1:])
+        command_main, problem = None, exc
+    if command_main is not None:
+        return command_main(sys.argv[1:])
     # outside the except block, so the original's own errors are not chained to the ImportError
     if not os.path.isfile(original):
         raise SystemExit(
@@ -94,8 +111,8 @@ def main():
             "install copylora with: %s" % (problem, original, _install_hint())
         )
     sys.stderr.write(
-        "copylora: copylora.merge is not importable by %s (%s), running the original svd_merge_lora.py; "
-        "for the fast merge install it there: %s\n" % (sys.executable, problem, _install_hint())
+        "copylora: %s is not importable by %s (%s), running the original %s.py; "
+        "for the fast version install it there: %s\n" % (command, sys.executable, problem, stem, _install_hint())
     )
     sys.stderr.flush()
     return _run_original(original)
