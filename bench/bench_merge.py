@@ -1,12 +1,18 @@
-"""Whole-process benchmark of `copylora.merge` on the shared real SD1.5 pair (not a test).
+"""Whole-process benchmark of `copylora.merge` (not a test): real SD1.5, synthetic SDXL and LoCon.
 
-Measures, each in a fresh process (wall time and peak RSS from wait4):
-- copylora.merge with each backend (the merge core's own time is read from its last line);
-- the I/O floor: a process that imports torch, loads the inputs with safetensors and writes
-  a file of the output's size — no merge can beat it;
-- optionally stock sd-scripts (`--sd-scripts DIR --stock-python PY`).
+Each command runs in a fresh process (wall time and peak RSS from wait4), best of --repeat:
+- copylora.merge with each backend (the engine's own time is read from its last line);
+- the I/O floor: import torch, load the inputs, write a file of the output's size;
+- stock sd-scripts' svd_merge_lora.py when --sd-scripts and --stock-python are given (for the
+  cases in --stock-cases; SDXL takes ~13 min and 13 GB), else stock's figures as recorded in
+  ../shared/README.md, marked as such.
 
-    python bench/bench_merge.py [--repeat 3] [--sd-scripts DIR --stock-python PY] [--write]
+Cases: `real` = the shared real SD1.5 pair (264 modules); `sdxl` = a synthetic SDXL pair with all
+986 modules of kohya's manifest (dim 8, fp16); `locon` = a synthetic SD1.5 LoCon pair (350
+modules, 3x3 convs, conv rank 8). All B − A, --new_rank 16, --save_precision fp16, CPU.
+
+    python bench/bench_merge.py [--cases real sdxl locon] [--repeat 3] \
+        [--sd-scripts DIR --stock-python PY [--stock-cases real sdxl locon]] [--write]
 
 --write replaces the "merge" section of bench/README.md with the table.
 """
@@ -15,119 +21,97 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from common import FLOOR, REAL_PAIR, Run, best, engine_seconds, machine, manifest_pair, timed, write_section
 
-REPO = Path(__file__).resolve().parent.parent
-PAIR = REPO.parent / "shared" / "golden" / "real_sd15"
-MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--device", "cpu", "--save_precision", "fp16"]
-README = REPO / "bench" / "README.md"
-START, END = "<!-- merge:start -->", "<!-- merge:end -->"
-
-FLOOR = """
-import sys, torch
-from safetensors.torch import load_file, save_file
-inputs = [load_file(p) for p in sys.argv[1:-2]]
-n = int(sys.argv[-1]) // 2
-save_file({"x": torch.zeros(n, dtype=torch.float16)}, sys.argv[-2])
-"""
+MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--new_conv_rank", "8", "--device", "cpu",
+              "--save_precision", "fp16"]
+# stock's times on this machine as ../shared/README.md records them (not rerun here)
+RECORDED_STOCK = {"sdxl": "≈ 13 min, 13 GB RAM", "locon": "≈ 8 min", "real": "≈ 3.5 min"}
 
 
-@dataclass
-class Run:
-    seconds: float
-    peak_rss_mb: float
-    stdout: str
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    variant: str | None  # manifest to synthesise the pair from; None: the real pair
 
 
-def timed(cmd: list[str], cwd: Path | None = None) -> Run:
-    start = datetime.datetime.now()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stdout = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = (datetime.datetime.now() - start).total_seconds()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
-    return Run(seconds, usage.ru_maxrss / 1024, stdout)
+CASES = {
+    "real": Case("real", "real SD1.5 pair (264 modules)", None),
+    "sdxl": Case("sdxl", "synthetic SDXL (986 modules)", "sdxl"),
+    "locon": Case("locon", "synthetic SD1.5 LoCon (350 modules, conv rank 8)", "sd15_conv"),
+}
 
 
-def best(runs: list[Run]) -> Run:
-    return min(runs, key=lambda r: r.seconds)
+def case_inputs(case: Case, workdir: Path) -> list[str]:
+    if case.variant is None:
+        return [str(REAL_PAIR / "B.safetensors"), str(REAL_PAIR / "A.safetensors")]
+    return [str(p) for p in manifest_pair(case.variant, workdir / case.key)]
 
 
-def engine_seconds(stdout: str) -> float:
-    match = re.search(r"\(engine ([0-9.]+) s\)", stdout)
-    return float(match.group(1)) if match else float("nan")
+def merge_command(models: list[str], out: str, backend: str) -> list[str]:
+    return [sys.executable, "-m", "copylora.merge", "--models", *models, *MERGE_ARGS, "--save_to", out,
+            "--backend", backend, "--quiet"]
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+def floor_command(models: list[str], out: Path, size: int) -> list[str]:
+    return [sys.executable, "-c", FLOOR, *models, str(out), str(size)]
+
+
+def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[str]:
+    models = case_inputs(case, workdir)
+    out = str(workdir / f"{case.key}-diff.safetensors")
+    rows: list[tuple[str, Run | None, str]] = []
+    for backend in ("ext", "torch"):
+        run = best([timed(merge_command(models, out, backend)) for _ in range(args.repeat)])
+        rows.append((f"copylora.merge --backend {backend}", run, f"{engine_seconds(run.stdout):.3f}"))
+    size = Path(out).stat().st_size
+    floor = best([timed(floor_command(models, workdir / "floor.safetensors", size)) for _ in range(args.repeat)])
+    rows.append(("I/O floor", floor, "–"))
+    if args.sd_scripts and args.stock_python and case.key in args.stock_cases:
+        stock = timed([args.stock_python, "networks/svd_merge_lora.py", "--models", *models, *MERGE_ARGS,
+                       "--save_to", str(workdir / "stock.safetensors")], cwd=args.sd_scripts)
+        rows.append(("stock svd_merge_lora.py (1 run)", stock, "–"))
+    lines = []
+    for label, run, core in rows:
+        lines.append(f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} | "
+                     f"{run.peak_rss_mb:.0f} |")
+    if not any(label.startswith("stock") for label, _, _ in rows):
+        lines.append(f"| {case.label} | stock svd_merge_lora.py (recorded in ../shared/README.md, not rerun) | "
+                     f"{RECORDED_STOCK[case.key]} | – | – | – |")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts checkout, to time the stock script too")
     parser.add_argument("--stock-python", type=str, help="the Python that can run sd-scripts")
+    parser.add_argument("--stock-cases", nargs="+", choices=list(CASES), default=["real"],
+                        help="cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)")
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
-    models = [str(PAIR / "B.safetensors"), str(PAIR / "A.safetensors")]
 
-    rows: list[tuple[str, Run, float | None]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "diff.safetensors")
-        for backend in ("ext", "torch"):
-            cmd = [sys.executable, "-m", "copylora.merge", "--models", *models, *MERGE_ARGS,
-                   "--save_to", out, "--backend", backend, "--quiet"]
-            run = best([timed(cmd) for _ in range(args.repeat)])
-            rows.append((f"copylora.merge --backend {backend}", run, engine_seconds(run.stdout)))
-        size = Path(out).stat().st_size
-        floor = best([timed([sys.executable, "-c", FLOOR, *models, str(Path(tmp) / "floor.safetensors"), str(size)])
-                      for _ in range(args.repeat)])
-        rows.append(("I/O floor (import torch, load inputs, write output size)", floor, None))
-        if args.sd_scripts and args.stock_python:
-            stock = timed([args.stock_python, "networks/svd_merge_lora.py", "--models", *models, *MERGE_ARGS,
-                           "--save_to", str(Path(tmp) / "stock.safetensors")], cwd=args.sd_scripts)
-            rows.append(("stock sd-scripts svd_merge_lora.py (1 run)", stock, None))
-
-    floor_seconds = floor.seconds
     lines = [
-        f"Shared real SD1.5 pair (264 modules, B − A, `--new_rank 16 --save_precision fp16 --device cpu`), "
-        f"best of {args.repeat} fresh processes. Machine: {machine()}. Measured {datetime.date.today()}.",
+        f"B − A, `{' '.join(MERGE_ARGS)}`, best of {args.repeat} fresh processes. "
+        f"Machine: {machine()}. Measured {datetime.date.today()}.",
         "",
-        "| command | wall s | × floor | merge core s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|",
+        "| case | command | wall s | × floor | engine s | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for label, run, core in rows:
-        core_text = f"{core:.3f}" if core is not None else "–"
-        lines.append(f"| {label} | {run.seconds:.2f} | {run.seconds / floor_seconds:.2f} | {core_text} | {run.peak_rss_mb:.0f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.cases:
+            lines += run_case(CASES[key], args, Path(tmp))
     table = "\n".join(lines)
     print(table)
     if args.write:
-        text = README.read_text() if README.exists() else "# Benchmarks\n"
-        section = f"{START}\n{table}\n{END}"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n## Whole merge process (`bench/bench_merge.py`)\n\n" + section + "\n"
-        README.write_text(text)
+        write_section("merge", "Whole merge process (`bench/bench_merge.py`)", table)
     return 0
 
 

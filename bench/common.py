@@ -1,0 +1,107 @@
+"""What the whole-process benchmarks share: timing fresh processes, synthetic pairs, README sections."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "bench" / "README.md"
+SHARED = REPO.parent / "shared"
+REAL_PAIR = SHARED / "golden" / "real_sd15"
+# kohya's module lists: vendored with the tests when present, else the shared reference data
+MANIFEST_DIRS = (REPO / "tests" / "data" / "manifests", SHARED / "kohya" / "manifests")
+
+# The I/O floor: import torch, load the inputs, write a file of the output's size. No merge can beat it.
+FLOOR = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+inputs = [load_file(p) for p in sys.argv[1:-2]]
+n = int(sys.argv[-1]) // 2
+save_file({"x": torch.zeros(n, dtype=torch.float16)}, sys.argv[-2])
+"""
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def timed(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
+    """Run a fresh process; wall time and peak RSS (from wait4). Fails loudly if it fails."""
+    start = datetime.datetime.now()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = (datetime.datetime.now() - start).total_seconds()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
+    return Run(seconds, usage.ru_maxrss / 1024, stdout)
+
+
+def best(runs: list[Run]) -> Run:
+    return min(runs, key=lambda r: r.seconds)
+
+
+def engine_seconds(stdout: str) -> float:
+    match = re.search(r"\(engine ([0-9.]+) s\)", stdout)
+    return float(match.group(1)) if match else float("nan")
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def manifest_pair(variant: str, folder: Path, dim: int = 8) -> tuple[Path, Path]:
+    """B.safetensors and A.safetensors with every module of kohya's `variant` manifest (random fp16)."""
+    from copylora.lora_file import write_lora
+    from copylora.synthetic import ModuleShape, random_lora, training_metadata
+
+    manifest = next((d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file()), None)
+    if manifest is None:
+        raise SystemExit(f"no manifest {variant}.json in {' or '.join(map(str, MANIFEST_DIRS))}")
+    modules = json.loads(manifest.read_text())["modules"]
+    layout = [
+        ModuleShape(m["name"], m["up"][0], m["down"][1], tuple(m["down"][2:]) if len(m["down"]) == 4 else None)
+        for m in modules
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, title in enumerate(("B", "A")):
+        metadata = training_metadata(title, dim, 1.0)
+        if variant.startswith("sdxl"):
+            metadata["ss_base_model_version"] = "sdxl_base_v1-0"
+        path = folder / f"{title}.safetensors"
+        write_lora(path, random_lora(layout, dim, 1.0, seed), metadata)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def write_section(name: str, heading: str, table: str) -> None:
+    """Replace (or append) the <!-- name:start --> ... <!-- name:end --> section of bench/README.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    section = f"{start}\n{table}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
+    README.write_text(text)
