@@ -29,7 +29,7 @@ from copylora import kohya_metadata
 from copylora.dynamic_rank import dynamic_rank, is_zero_spectrum, validate_dynamic
 from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.errors import CopyloraError
-from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, read_lora, write_lora
+from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, SerializedTensors, read_lora, write_lora
 from copylora.svd_merge import DYNAMIC, PRECISIONS, PlannedModule, RankFlags, apply_ranks, validate_device, validate_output
 from copylora.uniform_alpha import common_alpha
 
@@ -117,11 +117,12 @@ def plan_modules(lora: LoraFile, request: ResizeRequest) -> list[PlannedModule]:
     planned = []
     for name, module in lora.modules.items():
         out_features, rank = module.up.shape[0], module.rank
-        down = module.down.reshape(rank, -1).to(torch.float32)
+        # stock casts to float32 first; every engine computes in float32, the same rounding
+        down = module.down.reshape(rank, -1)
         cap = request.conv_rank if module.is_conv else request.new_rank
         job = ModuleJob(
             name=name,
-            ups=[module.up.reshape(out_features, rank).to(torch.float32)],
+            ups=[module.up.reshape(out_features, rank)],
             downs=[down],
             scales=[1.0],  # stock decomposes up @ down and keeps the scale in alpha
             rank=min(cap, out_features, down.shape[1]),
@@ -182,7 +183,7 @@ def output_tensors(
 
 
 def build_metadata(
-    request: ResizeRequest, lora: LoraFile, written_alpha: float, tensors: dict[str, torch.Tensor]
+    request: ResizeRequest, lora: LoraFile, written_alpha: float, serialized: SerializedTensors
 ) -> dict[str, str]:
     """The input's metadata with resize_lora's rewritten keys and fresh hashes.
 
@@ -202,7 +203,7 @@ def build_metadata(
         metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {request.new_rank}{conv}; {comment}"
         metadata["ss_network_dim"] = str(request.new_rank)
         metadata["ss_network_alpha"] = str(written_alpha)
-    metadata.update(kohya_metadata.weight_hashes(tensors, metadata))
+    metadata.update(kohya_metadata.weight_hashes(serialized, metadata))
     return metadata
 
 
@@ -222,9 +223,11 @@ def resize_file(request: ResizeRequest, on_progress: Callable[[int, int], None] 
     resized = resized_modules(lora, planned, result.modules)
     shared_alpha = common_alpha([r.alpha for r in resized]) if request.uniform_alpha else None
     tensors = output_tensors(lora, planned, result.modules, resized, save_dtype, shared_alpha)
-    metadata = build_metadata(request, lora, resized[-1].alpha if shared_alpha is None else shared_alpha, tensors)
+    result.modules.clear()  # the engine's float32 factors: not needed past this point
+    serialized = SerializedTensors.of(tensors)  # once: hashed, then written
+    metadata = build_metadata(request, lora, resized[-1].alpha if shared_alpha is None else shared_alpha, serialized)
     logger.info("saving model to: %s", request.save_to)
-    write_lora(request.save_to, tensors, metadata)
+    write_lora(request.save_to, tensors, metadata, serialized)
     return ResizeSummary(
         output=Path(request.save_to),
         backend=result.backend,
