@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -55,11 +56,11 @@ def cost_units(jobs: list[ModuleJob]) -> float:
     return sum((j.out_features + j.in_features) * j.total_rank**2 for j in jobs)
 
 
-def time_backend(jobs: list[ModuleJob], backend: str, repeats: int) -> float:
+def time_best(run: Callable[[], object], repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        merge_jobs(jobs, SvdOptions(), backend=backend)
+        run()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -77,15 +78,21 @@ def time_dense_stock(jobs: list[ModuleJob], sample_every: int) -> tuple[float, i
 def child(args: argparse.Namespace) -> None:
     """One case in this fresh process: print seconds and peak RSS as JSON.
 
-    Backend "torch-sort" is the pure-torch loop with torch.quantile (a full sort) for the clamp,
-    the loop the engine was first measured against; "torch" selects in O(n) like the engine.
+    "ext" and "torch" (batched per shape group) are the engine's backends; "torch-loop" is the
+    reference one module at a time (the torch backend before it was batched); "torch-sort" is
+    that loop clamping with torch.quantile (a full sort), the loop the engine was first measured
+    against.
     """
-    if args.backend == "torch-sort":
-        reference.linear_quantile = torch.quantile
-        args.backend = "torch"
     jobs = manifest_jobs(args.variant, [int(r) for r in args.ranks.split(",")], args.new_rank)
+    options = SvdOptions()
+    if args.backend in ("torch-loop", "torch-sort"):
+        if args.backend == "torch-sort":
+            reference.linear_quantile = torch.quantile
+        run = lambda: [reference.merge_module(job, options) for job in jobs]  # noqa: E731
+    else:
+        run = lambda: merge_jobs(jobs, options, backend=args.backend)  # noqa: E731
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = time_backend(jobs, args.backend, args.repeats)
+    seconds = time_best(run, args.repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "inputs_mb": setup_rss / 1024, "units": cost_units(jobs)}))
 
@@ -128,6 +135,7 @@ def main() -> None:
     def case(label: str, variant: str, ranks: list[int], new_rank: int, dense_every: int | None) -> None:
         ext = run_case(variant, ranks, new_rank, "ext", repeats)
         pure = run_case(variant, ranks, new_rank, "torch", 1 if args.quick else 2)
+        loop = run_case(variant, ranks, new_rank, "torch-loop", 1 if args.quick else 2)
         sort = run_case(variant, ranks, new_rank, "torch-sort", 1) if ranks == [8, 8] else None
         dense = None
         if dense_every:
@@ -137,6 +145,7 @@ def main() -> None:
             "ext": ext["seconds"],
             "torch": pure["seconds"],
             "speedup": pure["seconds"] / ext["seconds"],
+            "loop": loop["seconds"],
             "sort": sort["seconds"] if sort else None,
             "dense": dense,
             "ext_rss": ext["peak_mb"],
@@ -146,6 +155,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{label:<32} ext {row['ext']:7.3f} s  torch {row['torch']:7.3f} s  ({row['speedup']:5.1f}x)  "
+            f"torch loop {row['loop']:7.3f} s  "
             + (f"torch+sort {row['sort']:7.3f} s  " if row["sort"] else "")
             + (f"dense stock ~{dense:7.1f} s  " if dense else "")
             + f"peak RSS {row['ext_rss']:6.0f} MB  {row['ns_per_unit']:.3f} ns/unit",
@@ -176,18 +186,19 @@ def write_readme(rows: list[dict], sample: int) -> None:
         "a fresh process, peak RSS of that process (torch and the random inputs included; `inputs`",
         "is the RSS before merging). Dense stock = kohya's algorithm (dense W, full SVD,",
         f"torch.quantile) timed on every {sample}th module (SDXL: every {sample * 4}th) and scaled.",
-        "pure torch = copylora's reference loop (one module at a time, O(n) quantile); + sort = the same",
-        "loop clamping with torch.quantile (a full sort), as a straightforward port would.",
+        "pure torch = the torch backend, batched per shape group (torch's batched QR/SVD, O(n) quantile);",
+        "torch loop = copylora's reference one module at a time (the torch backend before batching);",
+        "loop + sort = that loop clamping with torch.quantile (a full sort), as a straightforward port would.",
         "ns/unit = ext seconds / Σ(out+in)·R² — flat or falling when cost follows the factored bound.",
         "",
-        "| case | ext (C++) | pure torch | speed-up | pure torch + sort | dense stock (est.) | ext peak RSS | inputs | ns/unit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | ext (C++) | pure torch | speed-up | torch loop | loop + sort | dense stock (est.) | ext peak RSS | inputs | ns/unit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         dense = f"{r['dense']:.0f} s" if r["dense"] else "—"
         sort = f"{r['sort']:.3f} s ({r['sort'] / r['ext']:.0f}×)" if r["sort"] else "—"
         lines.append(
-            f"| {r['case']} | {r['ext']:.3f} s | {r['torch']:.3f} s | {r['speedup']:.1f}× | {sort} | {dense} | "
+            f"| {r['case']} | {r['ext']:.3f} s | {r['torch']:.3f} s | {r['speedup']:.1f}× | {r['loop']:.3f} s | {sort} | {dense} | "
             f"{r['ext_rss']:.0f} MB | {r['inputs_mb']:.0f} MB | {r['ns_per_unit']:.3f} |"
         )
     lines.append(END)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from copylora import doctor
+from copylora import doctor, engine
 from copylora.engine import UNVERIFIED_CUDA, merge_jobs, ops, reference, resolve_backend
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.lora_file import read_lora
@@ -80,6 +80,35 @@ def test_ext_matches_reference(shape, modules, scales, dtype, clamp, sqrt_split,
     ]
     options = SvdOptions(clamp_quantile=clamp, sqrt_split=sqrt_split)
     assert_backend_matches(jobs, options, run_ext)
+
+
+def run_torch(jobs: list[ModuleJob], options: SvdOptions) -> dict[str, MergedModule]:
+    result = merge_jobs(jobs, options, backend="torch", device="cpu")
+    assert result.backend == "torch (cpu)"
+    return result.modules
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=shapes,
+    ranks=st.lists(st.integers(1, 40), min_size=1, max_size=4),  # one kept rank per module of the group
+    dtype=st.sampled_from(DTYPES),
+    clamp=st.sampled_from([0.99, 1.0, 0.3]),
+    sqrt_split=st.booleans(),
+    batch_floats=st.sampled_from([1, 1 << 22]),  # one module per batched call, or the whole group
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_batched_torch_backend_matches_one_module_at_a_time(shape, ranks, dtype, clamp, sqrt_split, batch_floats, seed):
+    """The torch backend stacks each group into torch's batched QR/SVD; the reference runs alone."""
+    gen = torch.Generator().manual_seed(seed)
+    in_features = shape["in"] * (9 if shape["conv"] else 1)
+    input_ranks = shape["input_ranks"]
+    scales = [1.0, -1.0, 0.5, -2.0, 0.75][: len(input_ranks)]
+    jobs = [random_job(gen, f"m{b}", shape["out"], in_features, input_ranks, scales, rank, dtype)
+            for b, rank in enumerate(ranks)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "TORCH_BATCH_FLOATS", batch_floats)
+        assert_backend_matches(jobs, SvdOptions(clamp_quantile=clamp, sqrt_split=sqrt_split), run_torch)
 
 
 @requires_ext

@@ -3,7 +3,9 @@
 Backends:
 - "ext": copylora._C (C++ on ATen, parallel across modules; CUDA kernels when built with CUDA),
   called once per group of same-shaped modules.
-- "torch": the pure-torch reference in copylora.engine.reference, one module at a time.
+- "torch": the pure-torch steps of copylora.engine.reference, batched per group of same-shaped
+  modules with torch's batched QR/SVD (reference.merge_module, one at a time, is what it is
+  tested against).
 "auto" picks "ext" when the extension loads, else "torch" with a warning that says why; on CUDA
 it picks "torch" until the CUDA kernel has passed bench/gpu_check.py on real hardware.
 """
@@ -13,8 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -84,12 +87,33 @@ def _run_group_ext(group: list[ModuleJob], options: SvdOptions, device: torch.de
     ]
 
 
+TORCH_BATCH_FLOATS = 1 << 22  # float32 values of P, Q (and W where dense) per batched call: ~16 MB
+
+
+@contextmanager
+def float32_matmul(device: torch.device) -> Iterator[None]:
+    """cuBLAS products in full float32 even where the caller allowed TF32 (about 1e-3 error)."""
+    if device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32:
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def _run_group_torch(group: list[ModuleJob], options: SvdOptions, device: torch.device) -> list[MergedModule]:
+    first = group[0]
+    per_module = first.total_rank * (first.out_features + first.in_features)
+    if first.total_rank >= min(first.out_features, first.in_features):
+        per_module += first.out_features * first.in_features
+    size = max(1, TORCH_BATCH_FLOATS // per_module)
     results = []
-    for job in group:
-        moved = ModuleJob(job.name, [u.to(device) for u in job.ups], [d.to(device) for d in job.downs], job.scales, job.rank)
-        merged = reference.merge_module(moved, options)
-        results.append(MergedModule(merged.up.cpu(), merged.down.cpu(), merged.singular_values.cpu()))
+    with float32_matmul(device):
+        for begin in range(0, len(group), size):
+            for merged in reference.merge_batch(group[begin : begin + size], options, device):
+                results.append(MergedModule(merged.up.cpu(), merged.down.cpu(), merged.singular_values.cpu()))
     return results
 
 

@@ -29,39 +29,40 @@ def stacked_factors(job: ModuleJob, device: torch.device | str | None = None) ->
     return p, q
 
 
+# The steps below take one module's tensors or a batch of same-shaped modules' (leading dims).
+
+
 def thin_svd(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (out×m), S (m), Vh (m×in) of W = p @ q, with m = min(R, out, in)."""
-    out_features, total_rank = p.shape
-    in_features = q.shape[1]
+    out_features, total_rank = p.shape[-2:]
+    in_features = q.shape[-1]
     m = min(total_rank, out_features, in_features)
     if total_rank >= min(out_features, in_features):
         u, s, vh = torch.linalg.svd(p @ q, full_matrices=False)
-        return u[:, :m], s[:m], vh[:m]
+        return u[..., :m], s[..., :m], vh[..., :m, :]
     q_p, r_p = torch.linalg.qr(p)
-    q_q, r_q = torch.linalg.qr(q.T)
-    u_c, s, vh_c = torch.linalg.svd(r_p @ r_q.T)
-    return q_p @ u_c, s, vh_c @ q_q.T
+    q_q, r_q = torch.linalg.qr(q.mT)
+    u_c, s, vh_c = torch.linalg.svd(r_p @ r_q.mT)
+    return q_p @ u_c, s, vh_c @ q_q.mT
 
 
 def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip pairs so the largest-|value| entry of each U column is positive."""
-    if u.shape[1] == 0:
+    """Flip pairs so the largest-|value| entry of each U column (first on ties) is positive."""
+    if u.shape[-1] == 0:
         return u, vh
-    rows = u.abs().argmax(dim=0)
-    signs = torch.where(u[rows, torch.arange(u.shape[1], device=u.device)] < 0, -1.0, 1.0).to(u.dtype)
-    return u * signs, vh * signs[:, None]
+    rows = u.abs().argmax(dim=-2, keepdim=True)  # argmax returns the first of equal maxima
+    signs = torch.where(u.gather(-2, rows) < 0, -1.0, 1.0).to(u.dtype)  # (..., 1, m)
+    return u * signs, vh * signs.mT
 
 
 def lora_factors(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, sqrt_split: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """up (out×rank), down (rank×in) from the leading pairs, zero-padded past the available ones."""
-    kept = min(rank, s.shape[0])
-    if sqrt_split:
-        root = s[:kept].sqrt()
-        up, down = u[:, :kept] * root, vh[:kept] * root[:, None]
-    else:
-        up, down = u[:, :kept] * s[:kept], vh[:kept]
+    kept = min(rank, s.shape[-1])
+    weights = s[..., :kept].sqrt() if sqrt_split else s[..., :kept]
+    up = u[..., :kept] * weights[..., None, :]
+    down = vh[..., :kept, :] * weights[..., :, None] if sqrt_split else vh[..., :kept, :]
     if kept < rank:
         up = torch.nn.functional.pad(up, (0, rank - kept))
         down = torch.nn.functional.pad(down, (0, 0, 0, rank - kept))
@@ -69,19 +70,37 @@ def lora_factors(
 
 
 def clamp_joint(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stock's outlier clamp: both factors to ±(quantile of their joined values)."""
+    """Stock's outlier clamp: both factors to ±(quantile of their joined values), per module."""
     if quantile >= 1.0 or up.numel() + down.numel() == 0:
         return up, down
-    hi = linear_quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), quantile)
+    hi = linear_quantile(torch.cat([up.flatten(-2), down.flatten(-2)], dim=-1), quantile)[..., None, None]
     return up.clamp(-hi, hi), down.clamp(-hi, hi)
 
 
 def merge_module(job: ModuleJob, options: SvdOptions) -> MergedModule:
+    """One module: the reference every backend (the batched one included) is tested against."""
     u, s, vh = thin_svd(*stacked_factors(job))
     u, vh = fix_signs(u, vh)
     up, down = lora_factors(u, s, vh, job.rank, options.sqrt_split)
     up, down = clamp_joint(up, down, options.clamp_quantile)
     return MergedModule(up=up, down=down, singular_values=s)
+
+
+def merge_batch(jobs: list[ModuleJob], options: SvdOptions, device: torch.device | str) -> list[MergedModule]:
+    """merge_module's steps for same-shaped jobs (equal group_key) at once, with torch's batched
+    QR/SVD: one call per step instead of one per module (~1000 small cuSOLVER calls for SD1.5)."""
+    factors = [stacked_factors(job, device) for job in jobs]
+    u, s, vh = thin_svd(torch.stack([p for p, _ in factors]), torch.stack([q for _, q in factors]))
+    u, vh = fix_signs(u, vh)
+    merged: list[MergedModule | None] = [None] * len(jobs)
+    for rank in sorted({job.rank for job in jobs}):  # the kept rank may differ inside a group
+        members = [i for i, job in enumerate(jobs) if job.rank == rank]
+        index = torch.tensor(members, device=u.device)
+        up, down = lora_factors(u[index], s[index], vh[index], rank, options.sqrt_split)
+        up, down = clamp_joint(up, down, options.clamp_quantile)
+        for row, i in enumerate(members):
+            merged[i] = MergedModule(up=up[row], down=down[row], singular_values=s[i])
+    return merged  # type: ignore[return-value]
 
 
 def dense_stock_merge(job: ModuleJob, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
