@@ -59,18 +59,37 @@ def joined_values(module: LoraModule) -> torch.Tensor:
     return torch.cat([module.up.reshape(-1), module.down.reshape(-1)]).float()
 
 
-def infer_clamp_quantile(modules: list[LoraModule]) -> float:
-    """The quantile the factors were clamped at: 1 − (entries tied at the max)/(n − 1), median
+def clamped_entries(module: LoraModule, sqrt_split: bool) -> int:
+    """How many entries sit at the clamp's upper bound (0 when too few tie to tell).
+
+    Stock layout: they all equal the module's largest value. √S split: the clamp cut stock's
+    U·S and Vᵀ and each pair was rescaled after, so they tie within each up column / down row.
+    """
+    if not sqrt_split:
+        values = joined_values(module)
+        top = values.max()
+        ties = int((values == top).sum()) if top > 0 else 0
+        return ties if ties >= MIN_CLAMP_TIES else 0
+    up, down = as_factors(module.up, module.down)
+    ties = 0
+    for line in (*up.T, *down):
+        top = line.max()
+        count = int((line == top).sum()) if top > 0 else 0
+        ties += count if count >= 2 else 0  # one entry at a line's top is just its largest value
+    return ties if ties >= MIN_CLAMP_TIES else 0
+
+
+def infer_clamp_quantile(modules: list[LoraModule], sqrt_split: bool = False) -> float:
+    """The quantile the factors were clamped at: 1 − (entries tied at the bound)/(n − 1), median
     over the clamped modules, to 3 decimals; 1 when most modules are not clamped."""
     estimates, nonzero = [], 0
     for module in modules:
         values = joined_values(module)
-        top = values.max()
-        if top <= 0:
+        if values.max() <= 0:
             continue
         nonzero += 1
-        ties = int((values == top).sum())
-        if ties >= MIN_CLAMP_TIES:
+        ties = clamped_entries(module, sqrt_split)
+        if ties:
             estimates.append(1.0 - ties / (values.numel() - 1))
     if not estimates or len(estimates) * 2 < nonzero:
         return 1.0
@@ -150,9 +169,10 @@ def inspect_lora(
 
     jobs = _exact_jobs(out, against, ratios, lbws)
     inferred = clamp_quantile is None
+    sqrt_split = infer_sqrt_split(modules)
     settings = Settings(
-        clamp_quantile=infer_clamp_quantile(modules) if inferred else clamp_quantile,  # type: ignore[arg-type]
-        sqrt_split=infer_sqrt_split(modules),
+        clamp_quantile=infer_clamp_quantile(modules, sqrt_split) if inferred else clamp_quantile,  # type: ignore[arg-type]
+        sqrt_split=sqrt_split,
         inferred=inferred,
     )
     merged = merge_jobs(jobs, SvdOptions(settings.clamp_quantile, settings.sqrt_split), backend=backend).modules

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from copylora.engine import reference
+from copylora.engine import balanced, reference
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.engine.quantile import linear_quantile
 from copylora.fidelity import as_factors, squared_distance
@@ -95,6 +95,16 @@ def assert_clamp_matches(job: ModuleJob, plain: MergedModule, clamped: MergedMod
 
 def assert_backend_matches(jobs: list[ModuleJob], options: SvdOptions, run: Runner) -> None:
     """Run the backend unclamped (and clamped, if options clamp) and check it against the reference."""
+    if options.sqrt_split and options.clamps:
+        # merge_jobs clamps stock's U·S, Vᵀ and splits after: check those, then the split itself
+        stock_options = dataclasses.replace(options, sqrt_split=False)
+        assert_backend_matches(jobs, stock_options, run)
+        stock, split = run(jobs, stock_options), run(jobs, options)
+        for job in jobs:
+            want = balanced(stock[job.name])
+            torch.testing.assert_close(split[job.name].up.cpu(), want.up, rtol=1e-6, atol=0, msg=job.name)
+            torch.testing.assert_close(split[job.name].down.cpu(), want.down, rtol=1e-6, atol=0, msg=job.name)
+        return
     unclamped = dataclasses.replace(options, clamp_quantile=1.0)
     plain = run(jobs, unclamped)
     clamped = run(jobs, options) if options.clamps else plain

@@ -158,6 +158,27 @@ def test_split_sv_puts_sqrt_s_on_both_factors(tmp_path, real_pair):
     assert max(ratios_seen) > 1.5 or min(ratios_seen) < 0.5  # the two splits really differ on this pair
 
 
+def test_split_sv_with_the_default_clamp_keeps_stocks_error(tmp_path, real_pair):
+    """√S on both factors and then the 0.99 clamp would cut far deeper than stock's clamp (real
+    pair: 40 % median error instead of 8 %); --split_sv clamps stock's U·S, Vᵀ and splits after."""
+    models, ratios = real_pair
+    common = ["--new_rank", "16", "--backend", "torch"]
+    stock = merge(models, ratios, tmp_path / "stock.safetensors", *common)
+    split = merge(models, ratios, tmp_path / "split.safetensors", *common, "--split_sv")
+    # the same clamped delta as stock's, so the same error against B − A
+    errors = compare_deltas(module_deltas(load_file(str(split))), module_deltas(load_file(str(stock))))
+    assert errors.worst <= FLOAT_WORST, (errors.worst, max(errors.errors, key=errors.errors.get))
+    exact = exact_deltas(models, ratios)
+    stock_error = compare_deltas(module_deltas(load_file(str(stock))), exact)
+    split_error = compare_deltas(module_deltas(load_file(str(split))), exact)
+    assert stock_error.median > 10 * FP16_MEDIAN  # the clamp really cuts here
+    assert split_error.median == pytest.approx(stock_error.median, rel=1e-3)
+    # and split evenly: each pair's up column and down row have equal norms (stock's: S and 1)
+    for up_norm, down_norm in split_norms(split):
+        live = (up_norm > 1e-12) & (down_norm > 1e-12)
+        torch.testing.assert_close(up_norm[live], down_norm[live], rtol=1e-2, atol=0)  # fp16 rounding
+
+
 def test_split_sv_keeps_large_deltas_inside_fp16(tmp_path):
     """A delta with singular values near 2e6: S on up overflows fp16 (max 65504), √S on each does not."""
     shape = ModuleShape("lora_te_text_model_encoder_layers_0_mlp_fc2", 64, 64)

@@ -12,6 +12,7 @@ it picks "torch" until the CUDA kernel has passed bench/gpu_check.py on real har
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -117,6 +118,18 @@ def _run_group_torch(group: list[ModuleJob], options: SvdOptions, device: torch.
     return results
 
 
+def balanced(merged: MergedModule) -> MergedModule:
+    """Each pair rescaled so that its up column and down row have equal norms: the same product.
+
+    Unclamped that is √S on each side; after stock's clamp of U·S and Vᵀ it keeps the clamped
+    delta exactly, split as evenly as the clamp left it.
+    """
+    up_norms, down_norms = merged.up.norm(dim=0), merged.down.norm(dim=1)
+    live = (up_norms > 0) & (down_norms > 0)
+    factor = torch.where(live, (up_norms / torch.where(live, down_norms, 1.0)).sqrt(), 1.0)
+    return MergedModule(merged.up / factor, merged.down * factor[:, None], merged.singular_values)
+
+
 def merge_jobs(
     jobs: list[ModuleJob],
     options: SvdOptions,
@@ -131,11 +144,15 @@ def merge_jobs(
     device = torch.device(device)
     chosen = resolve_backend(backend, device)
     run_group = _run_group_ext if chosen == "ext" else _run_group_torch
+    # √S on both factors and then the clamp cuts far deeper than stock's clamp of U·S and Vᵀ
+    # (real pair: 40 % median error instead of 8 %), so clamp stock's factors and split after
+    split_after_clamp = options.sqrt_split and options.clamps
+    backend_options = dataclasses.replace(options, sqrt_split=False) if split_after_clamp else options
     start = time.perf_counter()
     results: dict[str, MergedModule] = {}
     for group in group_jobs(jobs):
-        for job, merged in zip(group, run_group(group, options, device)):
-            results[job.name] = merged
+        for job, merged in zip(group, run_group(group, backend_options, device)):
+            results[job.name] = balanced(merged) if split_after_clamp else merged
         if on_progress is not None:
             on_progress(len(results), len(jobs))
     if device.type == "cuda":

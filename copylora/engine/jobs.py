@@ -13,7 +13,8 @@ class SvdOptions:
 
     clamp_quantile: clamp up and down at this quantile of their joined values (stock: 0.99);
         1 or more means no clamp.
-    sqrt_split: put √S on both up and down instead of S on up (stock: S on up).
+    sqrt_split: put √S on both up and down instead of S on up (stock: S on up). With a clamp,
+        merge_jobs clamps stock's U·S and Vᵀ and splits after, which keeps stock's product.
     """
 
     clamp_quantile: float = 0.99
