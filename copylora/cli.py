@@ -10,7 +10,8 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("copylora.merge", "merge LoRAs like kohya's svd_merge_lora.py, fast"),
     "resize": ("copylora.resize", "resize a LoRA like kohya's resize_lora.py, fast"),
-    "copy-machine": ("copylora.copy_machine", "train LoRA A and B with kohya, then write B - A"),
+    "copy-machine": ("copylora.copy_machine", "train LoRA A and B with kohya, then write the edit's LoRA"),
+    "preview": ("copylora.preview", "pictures of a LoRA at several strengths with kohya's gen_img.py, in a grid"),
     "train": ("copylora.train", "train one overfit LoRA with kohya's train_network.py"),
     "patch": ("copylora.patch", "make an sd-scripts checkout use copylora's merge (reversible)"),
     "inspect": ("copylora.inspect", "ranks, retained energy and spectra of a merged LoRA"),

@@ -1,51 +1,105 @@
-"""`copylora copy-machine`: from images A (before) and B (after) to the LoRA of the edit, B - A.
+"""`copylora copy-machine`: from images A (before) and B (after) to the LoRA of the edit.
 
     python -m copylora.copy_machine --sd-scripts DIR --base MODEL --before A --after B --output OUT.safetensors
-                                    [--new_rank 16] [--preset NAME|FILE] [--sdxl] [--set KEY=VALUE ...]
-                                    [--accelerate-arg ARG ...] [--work-dir DIR] [--dry-run]
+                                    [--method subtract|merged-base] [--new_rank 16] [--preset NAME|FILE] [--sdxl]
+                                    [--set KEY=VALUE ...] [--accelerate-arg ARG ...] [--work-dir DIR]
+                                    [--preview [--preview-args "ARGS"]] [--dry-run]
 
-Trains LoRA A and LoRA B with kohya (through copylora.train's adapter, same preset and seed), then
-merges B - A (`--ratios 1 -1`) with copylora's merge, and writes OUT.report.md beside OUT. A rerun
-reuses a trained LoRA whose images and config are unchanged, so an interrupted run resumes.
+subtract (default): train LoRA A and LoRA B on the base (kohya, same preset and seed), then merge
+B - A (`--ratios 1 -1`) with copylora's merge. merged-base: train A, bake it into the base with
+kohya's merge_lora.py, train B on that checkpoint; B is the output. Either way OUT.report.md goes
+beside OUT, and a rerun reuses every step whose inputs are unchanged, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from copylora.kohya import job as kohya_job
+from copylora import copy_machine_report, preview
 from copylora.errors import CopyloraError, run_cli
-from copylora.lora_file import LoraFile, read_lora
+from copylora.kohya import bake as kohya_bake
+from copylora.kohya import job as kohya_job
 from copylora.train import accelerate_args, add_kohya_arguments, setup, warn
 
 PROG = "copylora.copy_machine"
+METHODS = ("subtract", "merged-base")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train LoRA A and LoRA B with kohya, then write B - A.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Train LoRA A and LoRA B with kohya, then write the edit's LoRA.")
     add_kohya_arguments(parser)
     parser.add_argument("--before", required=True, type=Path, metavar="A", help="the original image (or folder)")
     parser.add_argument("--after", required=True, type=Path, metavar="B", help="the edited image (or folder)")
     parser.add_argument("--output", required=True, type=Path, metavar="OUT.safetensors", help="the difference LoRA")
+    parser.add_argument("--method", choices=METHODS, default="subtract",
+                        help="subtract: train A and B on the base, write B - A (default); merged-base: bake A into "
+                             "the base with kohya's merge_lora.py, train B on it, write B")
     parser.add_argument("--new_rank", "--new-rank", type=int, default=16, dest="new_rank",
-                        help="rank of the merged LoRA (default 16: B - A of two rank-8 LoRAs, exactly)")
-    parser.add_argument("--device", default="cpu", help="device for the merge's SVD (default cpu)")
+                        help="subtract: rank of the merged LoRA (default 16: B - A of two rank-8 LoRAs, exactly)")
+    parser.add_argument("--device", default="cpu", help="subtract: device for the merge's SVD (default cpu)")
+    parser.add_argument("--bake-precision", choices=list(kohya_bake.PRECISIONS), default="fp16",
+                        help="merged-base: precision of the merged checkpoint (default fp16: half the disk of float)")
+    parser.add_argument("--delete-merged-base", action="store_true",
+                        help="merged-base: delete the merged checkpoint once B is trained (a rerun bakes it again "
+                             "only if B must be retrained)")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
-                        help="where LoRA A and B, their configs and datasets go (default OUT's folder/OUT_work)")
+                        help="where LoRA A and B, their configs, datasets and the merged checkpoint go "
+                             "(default OUT's folder/OUT_work)")
+    parser.add_argument("--preview", action="store_true",
+                        help="at the end, run `copylora preview` on the output (kohya's gen_img.py) and put the grid "
+                             "in the report")
+    parser.add_argument("--preview-args", default="", metavar='"ARGS"',
+                        help='more `copylora preview` options, one string, e.g. "--steps 8 --seeds 1 2 -- '
+                             '--tokenizer_cache_dir DIR"')
     return parser
 
 
-def merge(argv: list[str]) -> int:
-    """copylora's merge, in this process, with svd_merge_lora.py's flags."""
-    from copylora.merge import main  # loads the merge engine: only when a merge runs
+def merge(argv: list[str]):
+    """copylora's merge, in this process, with svd_merge_lora.py's flags; its summary."""
+    from copylora import merge as merge_cli  # loads the merge engine: only when a merge runs
 
-    return main(argv)
+    summary = merge_cli.merge(merge_cli.build_parser().parse_args(argv))
+    print(summary.line(), flush=True)
+    return summary
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def train_or_reuse(label: str, job: kohya_job.TrainJob, steps: dict[str, str]) -> None:
+    stamp = kohya_job.reusable(job)
+    if stamp is not None:
+        print(f"{PROG}: LoRA {label}: reusing {job.lora_path}: images and config unchanged since "
+              f"{stamp['trained_at']}", flush=True)
+        steps[f"LoRA {label}"] = f"reused (trained {stamp['trained_at']} in {stamp['seconds']} s)"
+        return
+    print(f"{PROG}: LoRA {label}: training with kohya's {job.script} (config {job.config_path})", flush=True)
+    _, seconds = kohya_job.train(job)
+    steps[f"LoRA {label}"] = f"trained in {seconds:.1f} s"
+
+
+def preview_argv(args: argparse.Namespace, job: kohya_job.TrainJob, lora: Path, out: Path) -> list[str]:
+    argv = ["--sd-scripts", str(job.sd_scripts), "--base", str(args.base), "--lora", str(lora), "--out", str(out),
+            "--python", job.python, *(["--sdxl"] if args.sdxl else []), *shlex.split(args.preview_args)]
+    preview.parse(argv)  # bad preview options stop us now, not after the training
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,87 +109,113 @@ def run(args: argparse.Namespace) -> int:
     if args.new_rank < 1:
         raise CopyloraError(f"--new_rank {args.new_rank}: must be at least 1")
     sd_scripts, python, options, preset = setup(args)
-    work_dir = args.work_dir or output.parent / f"{output.stem}_work"
-    jobs = {
-        label: kohya_job.plan(sd_scripts, python, options, preset, args.sets, args.base, images, work_dir, label,
-                              accelerate_args(args))
-        for label, images in (("A", args.before), ("B", args.after))
-    }
+    work_dir = (args.work_dir or output.parent / f"{output.stem}_work").resolve()
+
+    def plan(label: str, images: Path, base: Path, base_to_come: bool = False) -> kohya_job.TrainJob:
+        return kohya_job.plan(sd_scripts, python, options, preset, args.sets, base, images, work_dir, label,
+                              accelerate_args(args), base_to_come)
+
+    jobs = {"A": plan("A", args.before, args.base)}
+    baking = None
+    if args.method == "merged-base":
+        baking = kohya_bake.plan(sd_scripts, python, args.sdxl, args.base, jobs["A"].lora_path,
+                                 work_dir / "A_merged.safetensors", args.bake_precision)
+        jobs["B"] = plan("B", args.after, baking.output, base_to_come=True)
+    else:
+        jobs["B"] = plan("B", args.after, args.base)
     warn(PROG, jobs["A"])
     merge_argv = [
         "--models", str(jobs["B"].lora_path), str(jobs["A"].lora_path), "--ratios", "1", "-1",
         "--new_rank", str(args.new_rank), "--save_precision", "fp16", "--save_to", str(output), "--device", args.device,
+        "--report",
     ]
+    preview_out = output.parent / f"{output.stem}_preview"
+    previewing = preview_argv(args, jobs["A"], output, preview_out) if args.preview else None
     if args.dry_run:
-        for label, job in jobs.items():
-            print(f"# ---- LoRA {label}\n{job.describe()}")
-        print(f"# ---- merge B - A\npython -m copylora.merge {shlex.join(merge_argv)}")
+        print(f"# ---- LoRA A\n{jobs['A'].describe()}")
+        if baking is not None:
+            print(f"# ---- bake A into the base: {baking.output}\n{baking.describe()}")
+        print(f"# ---- LoRA B\n{jobs['B'].describe()}")
+        if baking is None:
+            print(f"# ---- merge B - A\npython -m copylora.merge {shlex.join(merge_argv)}")
+        else:
+            print(f"# ---- output: a copy of {jobs['B'].lora_path}\n{output}")
+        if previewing is not None:
+            print(f"# ---- preview\npython -m copylora.preview {shlex.join(previewing)}")
         return 0
 
-    runs: dict[str, str] = {}
-    for label, job in jobs.items():
-        stamp = kohya_job.reusable(job)
-        if stamp is not None:
-            print(f"{PROG}: LoRA {label}: reusing {job.lora_path}: images and config unchanged since "
-                  f"{stamp['trained_at']}", flush=True)
-            runs[label] = f"reused (trained {stamp['trained_at']} in {stamp['seconds']} s)"
-            continue
-        print(f"{PROG}: LoRA {label}: training with kohya's {job.script} (config {job.config_path})", flush=True)
-        try:
-            _, seconds = kohya_job.train(job)
-        except kohya_job.KohyaFailed as exc:
-            print(f"{PROG}: error: LoRA {label}: {exc}; rerun to resume", file=sys.stderr)
-            return exc.code
-        runs[label] = f"trained in {seconds:.1f} s"
+    steps: dict[str, str] = {}
+    if baking is not None and not _b_is_settled(jobs, baking):
+        kohya_bake.check_free_space(baking)  # before any training: the checkpoint is several GB
+    step = "LoRA A"
+    try:
+        train_or_reuse("A", jobs["A"], steps)
+        if baking is not None:
+            step = "merged checkpoint"
+            _bake_unless_settled(jobs, baking, steps)
+        step = "LoRA B"
+        train_or_reuse("B", jobs["B"], steps)
+    except kohya_job.KohyaFailed as exc:
+        print(f"{PROG}: error: {step}: {exc}; rerun to resume", file=sys.stderr)
+        return exc.code
 
-    print(f"{PROG}: merging B - A into {output}", flush=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    code = merge(merge_argv)
-    merge_seconds = time.monotonic() - started
-    if code != 0:
-        print(f"{PROG}: error: the merge exited with code {code}", file=sys.stderr)
-        return code
-    merged = read_lora(output)
-    report = output.with_suffix(".report.md")
-    report.write_text(render_report(args, jobs, runs, merge_argv, merge_seconds, merged), encoding="utf-8")
+    if baking is None:
+        print(f"{PROG}: merging B - A into {output}", flush=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fidelity = merge(merge_argv).fidelity
+        steps["merge B - A"] = f"{time.monotonic() - started:.1f} s (copylora's merge, rank {args.new_rank})"
+    else:
+        copy_atomically(jobs["B"].lora_path, output)
+        fidelity = "none lost: the output is LoRA B as kohya trained it (no SVD merge, no rank cut)"
+        if args.delete_merged_base:
+            kohya_bake.remove(baking)
+            print(f"{PROG}: deleted the merged checkpoint {baking.output}", flush=True)
+            steps["bake A into the base"] += "; deleted after B was trained"
+
+    grid = None
+    if previewing is not None:
+        print(f"{PROG}: preview of {output}", flush=True)
+        try:
+            grid, seconds = preview.render(preview.plan(preview.parse(previewing)))
+        except kohya_job.KohyaFailed as exc:
+            print(f"{PROG}: error: preview: {exc}; the LoRA is written: {output}", file=sys.stderr)
+            return exc.code
+        steps["preview"] = f"{seconds:.1f} s (kohya's gen_img)"
+
+    report = copy_machine_report.write(args, jobs, baking, steps, merge_argv if baking is None else None,
+                                       fidelity, grid)
     print(f"{PROG}: report: {report}")
     print(output)
     return 0
 
 
-def render_report(
-    args: argparse.Namespace,
-    jobs: dict[str, kohya_job.TrainJob],
-    runs: dict[str, str],
-    merge_argv: list[str],
-    merge_seconds: float,
-    merged: LoraFile,
-) -> str:
-    ranks = sorted({module.rank for module in merged.modules.values()})
-    job = jobs["A"]
-    lines = [
-        f"# copy-machine LoRA: {merged.path.name}",
-        "",
-        f"- written: {datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- output: `{merged.path}` ({merged.path.stat().st_size / 1e6:.1f} MB, {len(merged.modules)} LoRA modules, "
-        f"rank {'/'.join(map(str, ranks))})",
-        f"- base model: `{args.base}`",
-        f"- kohya: `{job.sd_scripts}/{job.script}`, run by `{job.python}`",
-        f"- preset: `{args.preset or 'default'}`" + "".join(f", `--set {s}`" for s in args.sets),
-        "",
-        "| LoRA | images | file | config | run |",
-        "|---|---|---|---|---|",
-    ]
-    for label, item in jobs.items():
-        images = "<br>".join(f"`{i.path}` {i.width}x{i.height} sha256 {i.sha256[:12]}" for i in item.images)
-        lines.append(f"| {label} | {images} | `{item.lora_path}` | `{item.config_path}` | {runs[label]} |")
-    lines += [
-        "",
-        f"- merge: `python -m copylora.merge {shlex.join(merge_argv)}` ({merge_seconds:.1f} s)",
-    ]
-    lines += [f"- warning: {warning}" for warning in job.config.warnings]
-    return "\n".join(lines) + "\n"
+def _b_is_settled(jobs: dict[str, kohya_job.TrainJob], baking: kohya_bake.BakeJob) -> bool:
+    """True when A and B would both be reused, so no checkpoint needs to be baked (or kept)."""
+    if kohya_job.reusable(jobs["A"]) is None:
+        return False
+    jobs["B"].base_fingerprint = baking.fingerprint()
+    return kohya_job.reusable(jobs["B"]) is not None
+
+
+def _bake_unless_settled(jobs: dict[str, kohya_job.TrainJob], baking: kohya_bake.BakeJob,
+                         steps: dict[str, str]) -> None:
+    """Bake A into the base, unless B trained on this very bake is there already, or the bake is."""
+    fingerprint = baking.fingerprint()
+    jobs["B"].base_fingerprint = fingerprint  # B changes whenever the checkpoint it trains on does
+    if kohya_job.reusable(jobs["B"]) is not None:
+        steps["bake A into the base"] = "not needed: LoRA B on this checkpoint is reused"
+        return
+    stamp = kohya_bake.reusable(baking, fingerprint)
+    if stamp is not None:
+        print(f"{PROG}: merged checkpoint: reusing {baking.output} (baked {stamp['baked_at']})", flush=True)
+        steps["bake A into the base"] = f"reused (baked {stamp['baked_at']} in {stamp['seconds']} s)"
+        return
+    kohya_bake.check_free_space(baking)
+    print(f"{PROG}: baking A into the base with kohya's {baking.script} -> {baking.output}", flush=True)
+    seconds = kohya_bake.bake(baking, fingerprint)
+    steps["bake A into the base"] = f"baked in {seconds:.1f} s ({baking.output}, " \
+                                    f"{baking.output.stat().st_size / 1e9:.2f} GB)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

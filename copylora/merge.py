@@ -17,7 +17,7 @@ from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
 from copylora.progress import ModuleProgress
-from copylora.svd_merge import PRECISIONS, MergeRequest, merge_files
+from copylora.svd_merge import PRECISIONS, MergeRequest, MergeSummary, merge_files
 
 PROG = "copylora.merge"
 
@@ -92,12 +92,16 @@ def configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s", force=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def merge(args: argparse.Namespace) -> MergeSummary:
+    """The merge these arguments ask for, with a progress bar unless --quiet."""
     configure_logging(args.quiet)
     request = request_from_args(args)
     with ModuleProgress("merging", disable=args.quiet) as progress:
-        summary = merge_files(request, on_progress=progress)
-    print(summary.line())
+        return merge_files(request, on_progress=progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(merge(args).line())
     return 0
 
 

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup(args: argparse.Namespace) -> tuple[Path, str, KohyaOptions, Preset]:
     """The checkout, its Python, the preset and the target script's options."""
     sd_scripts = find_checkout(args.sd_scripts)
-    python = args.python or kohya_job.default_python(sd_scripts)
+    python = kohya_job.kohya_python(args.python, sd_scripts)
     preset = load_preset(preset_path(args.preset, args.sdxl), args.sdxl)
     script = sd_scripts / preset.script
     if not script.is_file():

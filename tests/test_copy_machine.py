@@ -7,20 +7,30 @@ COPYLORA_BASE_MODEL are set (recipe in tests/README.md).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from copylora import copy_machine
+from copylora import copy_machine, grid
+from copylora.errors import CopyloraError
+from copylora.kohya import bake
 from copylora.lora_file import read_lora
+from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 
 
 class Setup(FakeKohya):
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         super().__init__(tmp_path, monkeypatch)
+        add_tools(self.sd_scripts)
+        # a checkpoint kohya's merge_lora.py can read: one .safetensors file (3 x 1000 float32 values)
+        save_file({f"w{i}": torch.zeros(1000) for i in range(3)}, str(self.base))
+        for name in ("FAKE_BAKE_EXIT", "FAKE_GEN_EXIT", "FAKE_GEN_SKIP"):
+            monkeypatch.delenv(name, raising=False)
         self.dump = dump_with_cuda("train_network.py", False, tmp_path / "options.json")
         self.before = self.image("before.png", (200, 30, 30))
         self.after = self.image("after.png", (90, 90, 90))
@@ -38,8 +48,9 @@ class Setup(FakeKohya):
                 "--kohya-args", str(self.dump), "--set", "max_train_steps=2", *extra]
 
     def trained(self) -> list[str]:
-        """Which LoRAs kohya trained so far, in order."""
-        return [run["config"]["output_name"] for run in read_log(self.log)]
+        """Which LoRAs kohya trained so far, in order ("bake" for a merge_lora.py run, "gen" for gen_img)."""
+        names = {"merge_lora.py": "bake", "sdxl_merge_lora.py": "bake", "gen_img.py": "gen", "sdxl_gen_img.py": "gen"}
+        return [names.get(run["script"]) or run["config"]["output_name"] for run in read_log(self.log)]
 
 
 @pytest.fixture
@@ -68,7 +79,7 @@ def test_dry_run(setup, capsys):
     merge_line = out.strip().splitlines()[-1]
     assert merge_line == (
         f"python -m copylora.merge --models {setup.work / 'B.safetensors'} {setup.work / 'A.safetensors'} "
-        f"--ratios 1 -1 --new_rank 16 --save_precision fp16 --save_to {setup.output} --device cpu"
+        f"--ratios 1 -1 --new_rank 16 --save_precision fp16 --save_to {setup.output} --device cpu --report"
     )
     assert not setup.output.parent.exists() and setup.trained() == []
 
@@ -92,8 +103,11 @@ def test_trains_both_and_writes_b_minus_a(setup, capsys):
 
     report = setup.output.with_suffix(".report.md").read_text()
     for text in (str(setup.before), str(setup.after), str(setup.work / "A.toml"), "--ratios 1 -1", "trained in",
-                 "--set max_train_steps=2", "rank 16"):
+                 "--set max_train_steps=2", "rank 16", "method: subtract", "| merge B - A |",
+                 "fidelity: fidelity vs exact delta: retained", "![A before, B after](edit.training.png)"):
         assert text in report
+    layout = grid.read_layout(setup.output.with_suffix(".training.png"))
+    assert layout["columns"] == ["A (before)", "B (after)"] and layout["images"] == [[str(setup.before), str(setup.after)]]
 
 
 def test_rerun_reuses_what_is_unchanged(setup, capsys):
@@ -123,9 +137,14 @@ def test_a_changed_lora_file_is_retrained(setup):
 
 def test_interrupted_run_resumes_at_the_missing_step(setup, capfd, monkeypatch):
     calls = []
-    monkeypatch.setattr(copy_machine, "merge", lambda argv: calls.append(argv) or 1)
-    assert copy_machine.main(setup.args()) == 1  # the merge failed: both LoRAs are trained
-    assert "the merge exited with code 1" in capfd.readouterr().err
+
+    def failing_merge(argv):
+        calls.append(argv)
+        raise CopyloraError("merge failed on purpose")
+
+    monkeypatch.setattr(copy_machine, "merge", failing_merge)
+    assert copy_machine.main(setup.args()) == 2  # the merge failed: both LoRAs are trained
+    assert "merge failed on purpose" in capfd.readouterr().err
     monkeypatch.undo()
     monkeypatch.setenv("FAKE_KOHYA_LOG", str(setup.log))
     monkeypatch.setenv("PYTHONPATH", str(setup.root / "fake_site"))
@@ -151,6 +170,133 @@ def test_output_must_be_safetensors(setup, capsys):
     args[args.index("--output") + 1] = str(setup.root / "edit.ckpt")
     assert copy_machine.main(args) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- method 2: train B on base + A
+
+
+def merged_base(setup: Setup) -> Path:
+    return setup.work / "A_merged.safetensors"
+
+
+def test_merged_base_dry_run_prints_every_command(setup, capsys):
+    assert copy_machine.main(setup.args("--method", "merged-base", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    bake_line = out.split("# ---- bake A into the base")[1].splitlines()[2]
+    assert bake_line == (f"{PYTHON} networks/merge_lora.py --sd_model {setup.base} --models {setup.work / 'A.safetensors'} "
+                         f"--ratios 1 --save_precision fp16 --save_to {merged_base(setup)}")
+    b_part = out.split("# ---- LoRA B")[1]
+    assert f'pretrained_model_name_or_path = "{merged_base(setup)}"' in b_part
+    assert f"# ---- output: a copy of {setup.work / 'B.safetensors'}" in out and "copylora.merge" not in out
+    assert not setup.root.joinpath("out").exists() and setup.trained() == []
+
+
+def test_merged_base_bakes_a_and_trains_b_on_it(setup, capsys):
+    assert copy_machine.main(setup.args("--method", "merged-base")) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(setup.output)
+    assert setup.trained() == ["A", "bake", "B"]
+    runs = read_log(setup.log)
+    assert runs[1]["sd_model"] == str(setup.base) and runs[1]["models"] == [str(setup.work / "A.safetensors")]
+    assert runs[1]["ratios"] == [1.0] and runs[1]["cwd"] == str(setup.sd_scripts)
+    assert runs[0]["config"]["pretrained_model_name_or_path"] == str(setup.base)
+    assert runs[2]["config"]["pretrained_model_name_or_path"] == str(merged_base(setup))
+    assert setup.output.read_bytes() == (setup.work / "B.safetensors").read_bytes()
+    assert merged_base(setup).is_file()
+    report = setup.output.with_suffix(".report.md").read_text()
+    for text in ("method: merged-base", "| bake A into the base | baked in", "merged checkpoint (kept)",
+                 "fidelity: none lost", "| LoRA B | trained in"):
+        assert text in report
+
+
+def test_merged_base_resumes_and_rebakes_only_when_a_changes(setup):
+    args = setup.args("--method", "merged-base")
+    assert copy_machine.main(args) == 0
+    assert copy_machine.main(args) == 0
+    assert setup.trained() == ["A", "bake", "B"]  # everything reused
+    Image.new("RGB", (24, 36), (10, 10, 10)).save(setup.after)
+    assert copy_machine.main(args) == 0
+    assert setup.trained() == ["A", "bake", "B", "B"]  # the checkpoint reused
+    Image.new("RGB", (24, 36), (10, 200, 10)).save(setup.before)
+    assert copy_machine.main(args) == 0
+    assert setup.trained()[4:] == ["A", "bake", "B"]  # a new A: a new checkpoint, so a new B
+    merged_base(setup).write_bytes(b"changed by someone")
+    Image.new("RGB", (24, 36), (1, 2, 3)).save(setup.after)
+    assert copy_machine.main(args) == 0
+    assert setup.trained()[7:] == ["bake", "B"]  # a changed checkpoint is not reused
+
+
+def test_merged_base_deletes_the_checkpoint_on_request(setup, capsys):
+    args = setup.args("--method", "merged-base", "--delete-merged-base")
+    assert copy_machine.main(args) == 0
+    assert not merged_base(setup).exists() and "deleted the merged checkpoint" in capsys.readouterr().out
+    assert "merged checkpoint (deleted)" in setup.output.with_suffix(".report.md").read_text()
+    assert copy_machine.main(args) == 0  # B is still good: nothing baked again
+    assert setup.trained() == ["A", "bake", "B"]
+    Image.new("RGB", (24, 36), (10, 10, 10)).save(setup.after)
+    assert copy_machine.main(args) == 0  # B must be retrained: the checkpoint is needed again
+    assert setup.trained() == ["A", "bake", "B", "bake", "B"]
+
+
+def test_merged_base_bake_failure_resumes(setup, capfd, monkeypatch):
+    monkeypatch.setenv("FAKE_BAKE_EXIT", "5")
+    assert copy_machine.main(setup.args("--method", "merged-base")) == 5
+    err = capfd.readouterr().err
+    assert "merged checkpoint: kohya's networks/merge_lora.py exited with code 5" in err and "rerun to resume" in err
+    assert not bake.BakeJob(setup.sd_scripts, PYTHON, False, setup.base, setup.work / "A.safetensors",
+                            merged_base(setup), "fp16").stamp_path.exists()
+    monkeypatch.delenv("FAKE_BAKE_EXIT")
+    assert copy_machine.main(setup.args("--method", "merged-base")) == 0
+    assert setup.trained() == ["A", "bake", "bake", "B"]
+
+
+def test_merged_base_refuses_when_the_disk_is_too_small(setup, capsys, monkeypatch):
+    usage = shutil.disk_usage(setup.root)
+    monkeypatch.setattr(bake.shutil, "disk_usage", lambda path: usage._replace(free=9_000))
+    # the base holds 3000 values: 12000 bytes (+5%) at float do not fit in 9 kB, 6000 at fp16 do
+    assert copy_machine.main(setup.args("--method", "merged-base", "--bake-precision", "float")) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (f"copylora.copy_machine: error: {setup.work}: the merged checkpoint (base + A, float) needs about "
+                     "12600 bytes, only 9000 bytes free there; free some space or pass --work-dir on a bigger disk")
+    assert setup.trained() == []
+    assert copy_machine.main(setup.args("--method", "merged-base")) == 0
+    assert setup.trained() == ["A", "bake", "B"]
+
+
+def test_merged_base_needs_a_checkpoint_file(setup, capsys):
+    folder = setup.root / "diffusers-model"
+    folder.mkdir()
+    args = setup.args("--method", "merged-base")
+    args[args.index("--base") + 1] = str(folder)
+    assert copy_machine.main(args) == 2
+    assert "a diffusers folder; kohya's networks/merge_lora.py reads one .safetensors/.ckpt" in capsys.readouterr().err
+
+
+def test_merged_base_sdxl_uses_sdxl_merge_lora(setup, capsys):
+    dump = dump_with_cuda("sdxl_train_network.py", False, setup.root / "sdxl.json")
+    args = setup.args("--method", "merged-base", "--sdxl", "--dry-run")
+    args[args.index("--kohya-args") + 1] = str(dump)
+    assert copy_machine.main(args) == 0
+    assert f"{PYTHON} networks/sdxl_merge_lora.py --sd_model {setup.base}" in capsys.readouterr().out
+
+
+def test_copy_machine_preview_puts_the_grid_in_the_report(setup):
+    preview_args = "--width 16 --height 24 --steps 2 --seeds 7 -- --tokenizer_cache_dir /nowhere"
+    assert copy_machine.main(setup.args("--method", "merged-base", "--preview", "--preview-args", preview_args)) == 0
+    gen = read_log(setup.log)[-1]
+    assert gen["script"] == "gen_img.py" and [c["am"] for c in gen["cells"]] == [0.0, 0.5, 1.0]
+    assert gen["argv"][-2:] == ["--tokenizer_cache_dir", "/nowhere"]
+    assert gen["argv"][gen["argv"].index("--network_weights") + 1] == str(setup.output)
+    grid_path = setup.output.parent / "edit_preview" / "grid.png"
+    layout = grid.read_layout(grid_path)
+    assert layout["rows"] == ["seed 7"] and len(layout["images"][0]) == 3
+    report = setup.output.with_suffix(".report.md").read_text()
+    assert "![preview grid](edit_preview/grid.png)" in report and "| preview |" in report
+
+
+def test_bad_preview_args_stop_before_training(setup, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        copy_machine.main(setup.args("--preview", "--preview-args", "--steps many"))
+    assert exit_.value.code == 2 and setup.trained() == []
 
 
 KOHYA = os.environ.get("COPYLORA_SD_SCRIPTS")
@@ -180,3 +326,52 @@ def test_real_kohya_trains_and_merges(tmp_path, capsys):
     assert copy_machine.main(args) == 0
     out = capsys.readouterr().out
     assert "LoRA A: reusing" in out and "LoRA B: reusing" in out
+
+
+@pytest.mark.kohya
+@pytest.mark.skipif(not (KOHYA and BASE), reason="set COPYLORA_SD_SCRIPTS and COPYLORA_BASE_MODEL (tests/README.md)")
+def test_real_kohya_merged_base_and_preview(tmp_path, capsys):
+    """Method 2 with the real scripts: train A, bake it with merge_lora.py, train B on it (2 steps, 64 px each),
+    then the preview with the real gen_img.py (64 px, 2 sampling steps): a grid of real PNGs.
+
+    merge_lora.py reads one checkpoint file: COPYLORA_BASE_MODEL's .safetensors sibling (tests/README.md)."""
+    base = Path(BASE).with_suffix(".safetensors")
+    if not base.is_file():
+        pytest.skip(f"{base}: no single-file copy of the base model (tests/README.md, step 2)")
+    work = tmp_path / "作業 フォルダ"  # paths with spaces and Japanese, as many kohya users have
+    work.mkdir()
+    before, after = work / "before.png", work / "after.png"
+    picture = Image.effect_mandelbrot((64, 96), (-2.0, -1.5, 1.0, 1.5), 60).convert("RGB")
+    picture.save(before)
+    picture.convert("L").convert("RGB").save(after)
+    output = work / "edit.safetensors"
+    python = os.environ.get("COPYLORA_KOHYA_PYTHON")
+    tokenizers = os.environ.get("COPYLORA_TOKENIZER_CACHE_DIR")
+    preview_args = "--width 64 --height 64 --steps 2 --seeds 1 2" + (f" -- --tokenizer_cache_dir {tokenizers}"
+                                                                     if tokenizers else "")
+    args = ["--method", "merged-base", "--sd-scripts", KOHYA, "--base", str(base), "--before", str(before),
+            "--after", str(after), "--output", str(output), "--set", "max_train_steps=2", "--set", "resolution=64",
+            "--delete-merged-base", "--preview", "--preview-args", preview_args]
+    args += ["--python", python] if python else []
+    args += ["--set", f"tokenizer_cache_dir={tokenizers}"] if tokenizers else []
+    assert copy_machine.main(args) == 0
+    lora_b = read_lora(work / "edit_work" / "B.safetensors")
+    assert output.read_bytes() == (work / "edit_work" / "B.safetensors").read_bytes() and len(lora_b.modules) > 100
+    assert not (work / "edit_work" / "A_merged.safetensors").exists()
+
+    layout = grid.read_layout(work / "edit_preview" / "grid.png")
+    assert layout["rows"] == ["seed 1", "seed 2"]
+    assert layout["columns"] == ["strength 0", "strength 0.5", "strength 1"]
+    sheet = Image.open(work / "edit_preview" / "grid.png").convert("RGB")
+    (x0, y0), (w, h), pad = layout["origin"], layout["cell"], layout["pad"]
+    assert (w, h) == (128, 128) and sheet.size == (x0 + 3 * (w + pad), y0 + 2 * (h + pad))
+    for r, row in enumerate(layout["images"]):
+        for c, path in enumerate(row):
+            single = Image.open(path)
+            assert single.size == (64, 64) and single.info["seed"] == str(r + 1)
+            cell = sheet.crop((x0 + c * (w + pad), y0 + r * (h + pad), x0 + c * (w + pad) + w, y0 + r * (h + pad) + h))
+            assert cell.tobytes() == single.convert("RGB").resize((w, h), Image.Resampling.NEAREST).tobytes()
+    for c in range(3):  # each column label is drawn
+        assert sheet.crop((x0 + c * (w + pad), 0, x0 + c * (w + pad) + w, y0)).convert("L").getextrema()[0] < 128
+    report = output.with_suffix(".report.md").read_text()
+    assert "![preview grid](edit_preview/grid.png)" in report and "merged checkpoint (deleted)" in report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -34,13 +35,39 @@ class KohyaFailed(Exception):
         self.code = code
 
 
+VENV_PYTHONS = ("venv/bin/python", "venv/Scripts/python.exe")  # POSIX, Windows
+
+
 def default_python(sd_scripts: Path) -> str:
     """The checkout's venv (kohya's install makes one), Kohya's GUI's venv one level up, else this Python."""
     for root in (sd_scripts, sd_scripts.parent):
-        for relative in ("venv/bin/python", "venv/Scripts/python.exe"):
+        for relative in VENV_PYTHONS:
             if (root / relative).is_file():
                 return str(root / relative)
     return sys.executable
+
+
+def kohya_python(given: str | None, sd_scripts: Path) -> str:
+    """--python as the user meant it: a path is taken from the caller's folder (kohya runs in the checkout,
+    where a relative path would point elsewhere), a bare name is looked up on PATH as usual."""
+    if given is None:
+        return default_python(sd_scripts)
+    if "/" in given or "\\" in given or given.startswith("~"):
+        # abspath, not resolve(): a venv's python is a symlink, and its target is not the venv
+        return os.path.abspath(os.path.expanduser(given))
+    return given
+
+
+def run_kohya(command: list[str], sd_scripts: Path, script: str) -> float:
+    """Run one kohya command in the checkout, its output straight to the terminal; the seconds it took."""
+    started = time.monotonic()
+    try:
+        code = subprocess.run(command, cwd=sd_scripts).returncode
+    except OSError as exc:
+        raise CopyloraError(f"{command[0]}: cannot run it ({exc.strerror})") from exc
+    if code != 0:
+        raise KohyaFailed(script, code)
+    return time.monotonic() - started
 
 
 def kohya_options(sd_scripts: Path, python: str, script: str, dump: Path | None) -> KohyaOptions:
@@ -72,6 +99,7 @@ class TrainJob:
     name: str
     config: FinalConfig
     accelerate_args: list[str] = field(default_factory=list)
+    base_fingerprint: str | None = None  # the base's identity when it is made by an earlier step
 
     @property
     def train_data_dir(self) -> Path:
@@ -111,6 +139,8 @@ class TrainJob:
             "num_repeats": self.num_repeats,
             "images": [[image.path.name, image.sha256] for image in self.images],
         }
+        if self.base_fingerprint is not None:
+            state["base"] = self.base_fingerprint
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     def describe(self) -> str:
@@ -133,9 +163,10 @@ def plan(
     output_dir: Path,
     name: str,
     accelerate_args: list[str],
+    base_to_come: bool = False,
 ) -> TrainJob:
-    """Check everything and decide the config; writes nothing."""
-    if not base.exists():
+    """Check everything and decide the config; writes nothing. base_to_come: an earlier step makes the base."""
+    if not base_to_come and not base.exists():
         raise CopyloraError(f"{base}: no such base model (a .safetensors/.ckpt file or a diffusers folder)")
     if not name or Path(name).name != name:
         raise CopyloraError(f"--name {name!r}: a file name without folders, please")
@@ -161,21 +192,14 @@ def prepare(job: TrainJob) -> None:
 def train(job: TrainJob) -> tuple[LoraFile, float]:
     """Prepare, run kohya, and check that it wrote a LoRA; returns it and the seconds kohya took."""
     prepare(job)
-    before = _signature(job.lora_path)
-    started = time.monotonic()
-    try:
-        code = subprocess.run(job.command, cwd=job.sd_scripts).returncode
-    except OSError as exc:
-        raise CopyloraError(f"{job.python}: cannot run it ({exc.strerror})") from exc
-    seconds = time.monotonic() - started
-    if code != 0:
-        raise KohyaFailed(job.script, code)
-    if not job.lora_path.is_file() or _signature(job.lora_path) == before:
+    before = signature(job.lora_path)
+    seconds = run_kohya(job.command, job.sd_scripts, job.script)
+    if not job.lora_path.is_file() or signature(job.lora_path) == before:
         raise CopyloraError(f"{job.lora_path}: kohya's {job.script} exited 0 but did not write this file")
     lora = read_lora(job.lora_path)
     job.stamp_path.write_text(json.dumps({
         "fingerprint": job.fingerprint,
-        "lora_sha256": _sha256(job.lora_path),
+        "lora_sha256": file_sha256(job.lora_path),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
     }, indent=1) + "\n", encoding="utf-8")
@@ -190,10 +214,11 @@ def reusable(job: TrainJob) -> dict | None:
         return None
     if not isinstance(stamp, dict) or stamp.get("fingerprint") != job.fingerprint or not job.lora_path.is_file():
         return None
-    return stamp if stamp.get("lora_sha256") == _sha256(job.lora_path) else None
+    return stamp if stamp.get("lora_sha256") == file_sha256(job.lora_path) else None
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
+def signature(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size): changes when a file is rewritten; cheap for files too big to hash on every run."""
     try:
         stat = path.stat()
     except FileNotFoundError:
@@ -201,7 +226,7 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

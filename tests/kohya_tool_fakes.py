@@ -1,0 +1,100 @@
+"""Helpers, not tests: stand-ins for kohya's networks/merge_lora.py (+ SDXL) and gen_img.py (+ SDXL).
+
+Like the stand-in training scripts (test_train_fakes.py), each builds its parser from kohya's real
+argparse dump, so an option copylora emits that kohya lacks fails here too. The merge script
+writes a small "checkpoint" whose bytes depend on the base and the LoRA; the generator reads the
+prompts file the way gen_img.py does (blank and # lines skipped, `--d SEED`, `--am M`, the rest cut
+at " --") and writes one PNG per line, sequentially named, with gen_img's "seed" PNG text.
+Every run is logged to $FAKE_KOHYA_LOG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_train_fakes import SHARED_KOHYA
+
+PARSER = '''
+import argparse, hashlib, json, os, re, sys
+from pathlib import Path
+
+def setup_parser():
+    parser = argparse.ArgumentParser()
+    for o in json.load(open(__DUMP__))["options"]:
+        if o["action"] == "_HelpAction":
+            continue
+        kwargs = {"dest": o["dest"]}
+        if o["action"] == "_StoreTrueAction":
+            kwargs["action"] = "store_true"
+        elif o["nargs"] is not None:
+            kwargs["nargs"] = o["nargs"]
+        if o["choices"] is not None:
+            kwargs["choices"] = o["choices"]
+        if o["type"] in ("int", "float"):
+            kwargs["type"] = {"int": int, "float": float}[o["type"]]
+        parser.add_argument(*o["flags"], **kwargs)
+    return parser
+
+def log(record):
+    record.update(script=os.path.basename(__file__), argv=sys.argv[1:], cwd=os.getcwd())
+    with open(os.environ["FAKE_KOHYA_LOG"], "a") as handle:
+        handle.write(json.dumps(record) + "\\n")
+'''
+
+FAKE_MERGE = PARSER + '''
+if __name__ == "__main__":
+    args = setup_parser().parse_args()
+    log({"sd_model": args.sd_model, "models": args.models, "ratios": args.ratios, "save_to": args.save_to,
+         "save_precision": args.save_precision})
+    if os.environ.get("FAKE_BAKE_EXIT"):
+        sys.exit(int(os.environ["FAKE_BAKE_EXIT"]))
+    digest = hashlib.sha256(Path(args.sd_model).read_bytes())
+    for model in args.models:
+        digest.update(Path(model).read_bytes())
+    Path(args.save_to).write_bytes(b"fake merged checkpoint " + digest.hexdigest().encode())
+    print("fake kohya: saved", args.save_to)
+'''
+
+FAKE_GEN = PARSER + '''
+if __name__ == "__main__":
+    args = setup_parser().parse_args()
+    lines = [d for d in open(args.from_file, encoding="utf-8").read().splitlines() if d.strip() and d[0] != "#"]
+    cells = []
+    for raw in lines:
+        m = re.search(r" --d ([\\d+,]+)", raw)
+        seed = int(m.group(1)) if m else 0
+        raw = raw[: m.start()] + raw[m.end():] if m else raw
+        parts = raw.strip().split(" --")
+        am = args.network_mul[0]
+        for part in parts[1:]:
+            n = re.match(r"am ([\\d\\.\\-,]+)", part)
+            if n:
+                am = float(n.group(1))
+        cells.append({"prompt": parts[0], "options": parts[1:], "seed": seed, "am": am})
+    log({"cells": cells, "outdir": args.outdir, "W": args.W, "H": args.H, "steps": args.steps})
+    if os.environ.get("FAKE_GEN_EXIT"):
+        print("fake gen_img: failing on purpose", file=sys.stderr)
+        sys.exit(int(os.environ["FAKE_GEN_EXIT"]))
+    from PIL import Image, PngImagePlugin
+    os.makedirs(args.outdir, exist_ok=True)
+    for i, cell in enumerate(cells[: len(cells) - int(os.environ.get("FAKE_GEN_SKIP", "0"))]):
+        shade = hashlib.sha256(json.dumps(cell).encode()).digest()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("seed", str(cell["seed"]))
+        Image.new("RGB", (args.W, args.H), tuple(shade[:3])).save(
+            os.path.join(args.outdir, f"im_{i + 1:06d}.png"), pnginfo=info)
+'''
+
+TOOLS = {
+    "networks/merge_lora.py": (FAKE_MERGE, "merge_lora_args.json"),
+    "networks/sdxl_merge_lora.py": (FAKE_MERGE, "sdxl_merge_lora_args.json"),
+    "gen_img.py": (FAKE_GEN, "gen_img_args.json"),
+    "sdxl_gen_img.py": (FAKE_GEN, "sdxl_gen_img_args.json"),
+}
+
+
+def add_tools(sd_scripts: Path) -> Path:
+    """Put the stand-in merge and generation scripts into a stand-in checkout."""
+    for relative, (source, dump) in TOOLS.items():
+        (sd_scripts / relative).write_text(source.replace("__DUMP__", repr(str(SHARED_KOHYA / dump))))
+    return sd_scripts
