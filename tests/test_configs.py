@@ -1,4 +1,4 @@
-"""The presets and copylora's config checks, against kohya's real parser dumps (../shared/kohya)."""
+"""The presets and copylora's config checks, against kohya's real parser dumps (tests/data/kohya)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from copylora.engine import merge_jobs, ops
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from tests.backend_compare import assert_backend_matches
-from tests.conftest import GOLDEN
+from tests.conftest import GoldenCase, golden_params
 from tests.test_engine import DTYPES, EXT, cancelling_jobs, golden_jobs, random_job
 
 pytestmark = [
@@ -83,14 +83,9 @@ def test_core_sizes(input_ranks):
     assert_backend_matches(jobs, SvdOptions(), run_cuda)
 
 
-@pytest.mark.parametrize(
-    ("folder", "rank", "conv_rank"),
-    [("real_sd15", 16, 16), ("real_sd15", 8, 8), ("sdxl_subset", 16, 16), ("synth_sd15_conv", 16, 8)],
-)
-def test_golden_modules_on_cuda(folder, rank, conv_rank):
-    if not (GOLDEN / folder).is_dir():
-        pytest.skip(f"reference data missing: {GOLDEN / folder}")
-    assert_backend_matches(golden_jobs(GOLDEN / folder, rank, conv_rank), SvdOptions(), run_cuda)
+@pytest.mark.parametrize("case", golden_params("golden"))
+def test_golden_modules_on_cuda(case: GoldenCase):
+    assert_backend_matches(golden_jobs(case), SvdOptions(), run_cuda)
 
 
 def test_cancelling_pairs_on_cuda():

@@ -15,7 +15,7 @@ from copylora.dynamic_rank import DYNAMIC_METHODS, dynamic_rank
 from copylora.lora_file import write_lora
 from copylora.merge import build_parser
 from copylora.merge import main as merge_main
-from tests.conftest import SHARED
+from tests.conftest import GoldenFolder, golden_params, kohya_file
 from tests.lora_compare import module_deltas, read_metadata, relative_error
 
 S = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
@@ -171,9 +171,10 @@ def test_clamped_modules_are_merged_at_their_chosen_rank(tmp_path, known_model):
     assert not torch.equal(load_file(str(first_pass))[f"{LINEAR}.lora_up.weight"][:, :5], ours[f"{LINEAR}.lora_up.weight"])
 
 
-def test_dynamic_on_the_real_pair_keeps_what_it_promises(tmp_path):
+@pytest.mark.parametrize("pair", golden_params("golden", per="folder", where=lambda f: f.name == "real_sd15"))
+def test_dynamic_on_the_real_pair_keeps_what_it_promises(tmp_path, pair: GoldenFolder):
     """sv_fro P keeps at least P of each module's Frobenius norm (of the exact B − A)."""
-    folder = SHARED / "golden" / "real_sd15"
+    folder = pair.path
     out = tmp_path / "dyn.safetensors"
     args = ["--models", str(folder / "B.safetensors"), str(folder / "A.safetensors"), "--ratios", "1", "-1",
             "--new_rank", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9", "--clamp_quantile", "1",
@@ -211,7 +212,7 @@ def test_bad_dynamic_arguments(tmp_path, known_model, capsys, extra, needle):
 
 
 def test_new_flags_show_in_help_and_do_not_clash_with_kohya():
-    kohya = json.loads((SHARED / "kohya" / "svd_merge_lora_args.json").read_text())
+    kohya = json.loads(kohya_file("svd_merge_lora_args.json").read_text())
     kohya_flags = {flag for option in kohya["options"] for flag in option["flags"]}
     help_text = build_parser().format_help()
     for flag in ("--clamp_quantile", "--split_sv", "--dynamic_method", "--dynamic_param", "--report"):

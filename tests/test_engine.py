@@ -19,7 +19,7 @@ from copylora.engine import UNVERIFIED_CUDA, merge_jobs, ops, reference, resolve
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.lora_file import read_lora
 from tests.backend_compare import assert_backend_matches
-from tests.conftest import GOLDEN
+from tests.conftest import GoldenCase, golden_params
 
 EXT = ops.load_status()
 requires_ext = pytest.mark.skipif(not EXT.available, reason=f"copylora._C not built ({EXT.error})")
@@ -152,9 +152,12 @@ def test_cancelling_inputs_and_zero_modules():
     assert torch.count_nonzero(merged.up) == 0 and torch.count_nonzero(merged.singular_values) == 0
 
 
-def golden_jobs(folder, rank: int, conv_rank: int) -> list[ModuleJob]:
-    """Every module of B − A in a golden folder (ratios 1, −1), as svd_merge_lora builds them."""
-    b_file, a_file = read_lora(folder / "B.safetensors"), read_lora(folder / "A.safetensors")
+def golden_jobs(case: GoldenCase) -> list[ModuleJob]:
+    """Every module of a golden case's B − A (ratios 1, −1) at its ranks, as svd_merge_lora builds them."""
+    rank = int(case.option("--new_rank"))
+    conv_rank = int(case.option("--new_conv_rank") or rank)
+    b_path, a_path = case.inputs
+    b_file, a_file = read_lora(b_path), read_lora(a_path)
     jobs = []
     for name, b in b_file.modules.items():
         a = a_file.modules[name]
@@ -171,17 +174,10 @@ def golden_jobs(folder, rank: int, conv_rank: int) -> list[ModuleJob]:
 
 
 @requires_ext
-@pytest.mark.parametrize(
-    ("folder", "rank", "conv_rank"),
-    [("real_sd15", 16, 16), ("real_sd15", 8, 8), ("sdxl_subset", 16, 16), ("synth_sd15_conv", 16, 8)],
-)
-def test_golden_modules(folder, rank, conv_rank):
-    """The real inputs of every shared golden case, module by module, against the reference."""
-    path = GOLDEN / folder
-    if not path.is_dir():
-        pytest.fail(f"reference data missing: {path}")
-    jobs = golden_jobs(path, rank, conv_rank)
-    assert_backend_matches(jobs, SvdOptions(), run_ext)
+@pytest.mark.parametrize("case", golden_params("golden"))
+def test_golden_modules(case: GoldenCase):
+    """The real inputs of every golden case, module by module, against the reference."""
+    assert_backend_matches(golden_jobs(case), SvdOptions(), run_ext)
 
 
 def test_ci_built_the_extension():
@@ -245,11 +241,12 @@ def test_comparison_accepts_another_correct_float32_rounding(clamp):
     assert_backend_matches(cancelling_jobs(), SvdOptions(clamp_quantile=clamp), run_reference_reversed)
 
 
-def test_comparison_accepts_reordered_real_pair():
+@pytest.mark.parametrize(
+    "case", golden_params("golden", where=lambda c: c.folder.name == "real_sd15" and c.option("--new_rank") == "16")
+)
+def test_comparison_accepts_reordered_real_pair(case: GoldenCase):
     """Every module of the real SD1.5 pair with its inputs reversed (68 of 264 failed a fixed 1e-5)."""
-    if not (GOLDEN / "real_sd15").is_dir():
-        pytest.skip(f"reference data missing: {GOLDEN / 'real_sd15'}")
-    assert_backend_matches(golden_jobs(GOLDEN / "real_sd15", 16, 16), SvdOptions(), run_reference_reversed)
+    assert_backend_matches(golden_jobs(case), SvdOptions(), run_reference_reversed)
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,10 @@ from safetensors.torch import load_file
 from copylora.lora_file import write_lora
 from copylora.merge import main as merge_main
 from copylora.synthetic import ModuleShape, random_lora
-from tests.conftest import golden_cases
+from tests.conftest import GoldenFolder, golden_folder, golden_params
 from tests.lora_compare import Factors, compare_deltas, data_section_sha256, module_deltas, read_metadata
 
-# ../shared/golden/*: one case per input folder; their inputs are dim 8, so B − A has rank <= 16
-GOLDEN_FOLDERS = sorted({folder for folder, _ in golden_cases()})
+# the golden input folders: their inputs are dim 8, so B − A has rank <= 16
 TOTAL_RANK = 16
 
 # fp16: the rounding of the saved factors (measured 2.1e-3 worst / 8e-4 median on real_sd15)
@@ -43,9 +42,9 @@ def golden_inputs(folder: Path) -> tuple[list[Path], list[float]]:
     return [folder / "B.safetensors", folder / "A.safetensors"], [1.0, -1.0]
 
 
-@pytest.mark.parametrize("folder", GOLDEN_FOLDERS, ids=[f.name for f in GOLDEN_FOLDERS])
-def test_golden_inputs_reproduce_the_exact_delta(tmp_path, folder):
-    models, ratios = golden_inputs(folder)
+@pytest.mark.parametrize("folder", golden_params("golden", per="folder"))
+def test_golden_inputs_reproduce_the_exact_delta(tmp_path, folder: GoldenFolder):
+    models, ratios = golden_inputs(folder.path)
     exact = exact_deltas(models, ratios)
     rank_args = ["--new_rank", str(TOTAL_RANK), "--new_conv_rank", str(TOTAL_RANK), "--clamp_quantile", "1"]
 
@@ -93,21 +92,10 @@ def test_random_inputs_reproduce_the_exact_delta(tmp_path, seed, backend):
 
 
 @pytest.fixture(scope="module")
-def real_pair(tmp_path_factory) -> tuple[list[Path], list[float]]:
-    """Every 11th module of the real SD1.5 pair (24 of 264, all blocks, both all-zero ones): real
-    spectra at a tenth of the cost."""
-    folder = next(f for f in GOLDEN_FOLDERS if f.name == "real_sd15")
-    models, ratios = golden_inputs(folder)
-    subset_dir = tmp_path_factory.mktemp("real_subset")
-    subset = []
-    for model in models:
-        tensors = load_file(str(model))
-        names = sorted({k.split(".")[0] for k in tensors if k.endswith(".lora_down.weight")})
-        keep = {n for i, n in enumerate(names) if i % 11 == 0} | {n for n in names if not tensors[f"{n}.lora_up.weight"].any()}
-        path = subset_dir / model.name
-        write_lora(path, {k: v for k, v in tensors.items() if k.split(".")[0] in keep}, read_metadata(model))
-        subset.append(path)
-    return subset, ratios
+def real_pair() -> tuple[list[Path], list[float]]:
+    """The real SD1.5 pair as cut in tests/data (18 of 264 modules, every kind of shape, both
+    all-zero ones): real spectra at a tenth of the cost."""
+    return golden_inputs(golden_folder("golden", "real_sd15").path)
 
 
 def test_stock_quantile_changes_nothing(tmp_path, real_pair):

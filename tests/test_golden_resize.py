@@ -1,4 +1,4 @@
-"""Every stock resize_lora.py output in ../shared/golden-resize/: our CLI on the same inputs must match it.
+"""Every stock resize_lora.py output (tests/data/golden-resize, ../shared/golden-resize): our CLI on the same inputs must match it.
 
 "The same" (../shared/README.md, issue 10): same keys, shapes and dtypes; every alpha equal to
 stock's, bit for bit; metadata equal to stock's except the sshs_* hashes, which must hash our
@@ -9,41 +9,24 @@ tolerance separate two correct implementations.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from safetensors.torch import load_file
 
 from copylora.resize import main as resize_main
-from tests.conftest import SHARED
+from tests.conftest import GoldenCase, golden_params
 from tests.lora_compare import assert_same_format, compare_deltas, module_deltas, read_metadata
 
-GOLDEN_RESIZE = SHARED / "golden-resize"
-CASES = [
-    (cases_file.parent, case)
-    for cases_file in sorted(GOLDEN_RESIZE.glob("*/cases.json"))
-    for case in json.loads(cases_file.read_text())
-]
 MEDIAN_LIMIT = 1e-3
 # measured: median 7e-6 to 1e-4, worst 8e-5 to 3e-4 over the four cases (ext and torch backends)
 WORST_LIMIT = 1e-3
 
-pytestmark = pytest.mark.skipif(not CASES, reason=f"stock resize outputs not found in {GOLDEN_RESIZE}")
-
-
-def run_case(folder: Path, case: dict, out: Path, *extra: str) -> list[str]:
-    args = [a.replace("{DIR}", str(folder)) for a in case["args"]]
-    assert resize_main([*args, "--save_to", str(out), "--quiet", *extra]) == 0
-    return args
-
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize(("folder", "case"), CASES, ids=[c["name"] for _, c in CASES])
-def test_matches_stock(tmp_path, folder, case, backend):
-    out = tmp_path / f"{case['name']}.safetensors"
-    run_case(folder, case, out, "--backend", backend)
-    ref = folder / case["ref"]
+@pytest.mark.parametrize("case", golden_params("golden-resize"))
+def test_matches_stock(tmp_path, case: GoldenCase, backend):
+    out = tmp_path / f"{case.name}.safetensors"
+    assert resize_main([*case.args, "--save_to", str(out), "--quiet", "--backend", backend]) == 0
+    ref = case.ref
     assert_same_format(out, ref)
 
     ours_md, ref_md = read_metadata(out), read_metadata(ref)

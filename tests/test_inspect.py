@@ -18,7 +18,7 @@ from copylora.inspection import inspect_lora
 from copylora.lora_file import write_lora
 from copylora.merge import main as merge_main
 from copylora.synthetic import ModuleShape, random_lora
-from tests.conftest import GOLDEN
+from tests.conftest import golden_folder
 
 LAYOUT = [
     ModuleShape("lora_te_text_model_encoder_layers_0_mlp_fc1", 256, 192),
@@ -146,7 +146,7 @@ def test_without_inputs_shows_ranks_per_block(tmp_path, inputs, capsys):
 
 def test_stock_sdxl_file(capsys):
     """A stock output in SDXL's layout: te1/te2/input/middle/output blocks, stock's clamp read off it."""
-    folder = GOLDEN / "sdxl_subset"
+    folder = golden_folder("golden", "sdxl_subset").path  # whole stock file (tests/data)
     inspection = inspect_lora(folder / "stock_r16.safetensors", [folder / "B.safetensors", folder / "A.safetensors"], [1, -1])
     assert (inspection.settings.clamp_quantile, inspection.settings.sqrt_split) == (0.99, False)
     labels = [b.label for b in block_summaries(inspection.fidelity)]

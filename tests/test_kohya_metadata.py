@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from copylora.kohya_metadata import BaseModelInfo, modelspec_metadata, network_metadata, weight_hashes
-from tests.conftest import GOLDEN, golden_cases
+from tests.conftest import GoldenCase, GoldenFolder, golden_params
 from tests.lora_compare import read_metadata
 
-STOCK_FILES = sorted({folder / case["ref"] for folder, case in golden_cases()})
-# sdxl_subset's inputs were cut from larger files and keep those files' hashes, so only the
-# uncut inputs can be checked.
-INPUT_FILES = sorted(p for p in GOLDEN.glob("*/[AB].safetensors") if p.parent.name != "sdxl_subset")
+# The sshs_* hashes are whole-file facts: only uncut files (not tests/data's slices) can show them.
+# sdxl_subset's inputs were cut from larger files by whoever made them and keep those files'
+# hashes, so only the other folders' inputs can be checked.
+WHOLE_STOCK = golden_params("golden", where=lambda case: not case.folder.sliced)
+WHOLE_INPUTS = golden_params("golden", per="folder", where=lambda f: not f.sliced and f.name != "sdxl_subset")
 
 
-@pytest.mark.parametrize("path", STOCK_FILES + INPUT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_hashes_reproduce_stock(path):
+def assert_hashes_reproduce(path: Path) -> None:
     """sshs_* recomputed from the file's own tensors and ss_* metadata equal the stored ones."""
     metadata = read_metadata(path)
     hashes = weight_hashes(load_file(str(path)), metadata)
@@ -26,9 +27,21 @@ def test_hashes_reproduce_stock(path):
     assert hashes["sshs_legacy_hash"] == metadata["sshs_legacy_hash"]
 
 
-@pytest.mark.parametrize("path", STOCK_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_network_and_modelspec_keys_reproduce_stock(path):
-    stock = read_metadata(path)
+@pytest.mark.parametrize("case", WHOLE_STOCK)
+def test_stock_output_hashes_reproduce_stock(case: GoldenCase):
+    assert_hashes_reproduce(case.ref)
+
+
+@pytest.mark.parametrize("input_name", ["A", "B"])
+@pytest.mark.parametrize("folder", WHOLE_INPUTS)
+def test_input_hashes_reproduce_stock(folder: GoldenFolder, input_name):
+    assert_hashes_reproduce(folder.path / f"{input_name}.safetensors")
+
+
+@pytest.mark.parametrize("case", golden_params("golden"))
+def test_network_and_modelspec_keys_reproduce_stock(case: GoldenCase):
+    """ss_* and modelspec.* come from metadata alone, so a cut file keeps stock's values."""
+    stock = read_metadata(case.ref)
     base = BaseModelInfo(stock.get("ss_v2"), stock.get("ss_base_model_version"))
     args = json.loads(stock["ss_network_args"])
     ours = network_metadata(base, stock["ss_network_dim"], stock["ss_network_alpha"], args)

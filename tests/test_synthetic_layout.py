@@ -3,11 +3,11 @@
 import json
 
 from copylora.synthetic import sd15_layout
-from tests.conftest import MANIFESTS
+from tests.conftest import kohya_file
 
 
 def test_sd15_layout_matches_kohya_manifest():
-    manifest = json.loads((MANIFESTS / "sd15.json").read_text())
+    manifest = json.loads(kohya_file("manifests/sd15.json").read_text())
     expected = [(m["name"], tuple(m["down"]), tuple(m["up"])) for m in manifest["modules"]]
     ours = [(m.name, *m.factor_shapes(8)) for m in sd15_layout()]
     assert ours == expected

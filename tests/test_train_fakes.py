@@ -1,7 +1,7 @@
 """Helpers, not tests: a stand-in sd-scripts checkout and accelerate for the adapter's tests (no torch training, no network).
 
 The fake train_network.py / sdxl_train_network.py build their parser from kohya's real parser dumps
-(../shared/kohya/*_args.json), so copylora's probe reads real option lists from them. Run, they act
+(tests/data/kohya/*_args.json), so copylora's probe reads real option lists from them. Run, they act
 like a strict kohya: refuse a config key that is not an option, log what they were given, and write
 a small LoRA whose weights depend on the training images (so B - A is not zero).
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_KOHYA = ROOT.parent / "shared" / "kohya"
-DUMPS = {"train_network.py": SHARED_KOHYA / "train_network_args.json",
-         "sdxl_train_network.py": SHARED_KOHYA / "sdxl_train_network_args.json"}
+from tests.conftest import kohya_file
+
+DUMPS = {"train_network.py": kohya_file("train_network_args.json"),
+         "sdxl_train_network.py": kohya_file("sdxl_train_network_args.json")}
 
 FAKE_SCRIPT = textwrap.dedent('''
     import argparse, hashlib, json, os, sys, tomllib
