@@ -18,7 +18,7 @@ README = REPO / "bench" / "README.md"
 SHARED = REPO.parent / "shared"
 REAL_PAIR = SHARED / "golden" / "real_sd15"
 # kohya's module lists: vendored with the tests when present, else the shared reference data
-MANIFEST_DIRS = (REPO / "tests" / "data" / "manifests", SHARED / "kohya" / "manifests")
+MANIFEST_DIRS = (REPO / "tests" / "data" / "kohya" / "manifests", SHARED / "kohya" / "manifests")
 
 # The I/O floor: import torch, load the inputs, write a file of the output's size. No merge can beat it.
 FLOOR = """
