@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_train_fakes import SHARED_KOHYA
+from tests.conftest import kohya_file
 
 PARSER = '''
 import argparse, hashlib, json, os, re, sys
@@ -96,5 +96,5 @@ TOOLS = {
 def add_tools(sd_scripts: Path) -> Path:
     """Put the stand-in merge and generation scripts into a stand-in checkout."""
     for relative, (source, dump) in TOOLS.items():
-        (sd_scripts / relative).write_text(source.replace("__DUMP__", repr(str(SHARED_KOHYA / dump))))
+        (sd_scripts / relative).write_text(source.replace("__DUMP__", repr(str(kohya_file(dump)))))
     return sd_scripts
