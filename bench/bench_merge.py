@@ -20,13 +20,12 @@ modules, 3x3 convs, conv rank 8). All B − A, --new_rank 16, --save_precision f
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import FLOOR, REAL_PAIR, Run, best, engine_seconds, machine, manifest_pair, timed, write_section
+from common import (FLOOR, REAL_PAIR, Run, best, engine_seconds, manifest_pair, timed, whole_process_parser,
+                    whole_process_table)
 
 MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--new_conv_rank", "8", "--device", "cpu",
               "--save_precision", "fp16"]
@@ -88,30 +87,11 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts checkout, to time the stock script too")
-    parser.add_argument("--stock-python", type=str, help="the Python that can run sd-scripts")
-    parser.add_argument("--stock-cases", nargs="+", choices=list(CASES), default=["real"],
-                        help="cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)")
-    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
+    parser = whole_process_parser(__doc__.splitlines()[0], list(CASES),
+                                  "cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)")
     args = parser.parse_args()
-
-    lines = [
-        f"B − A, `{' '.join(MERGE_ARGS)}`, best of {args.repeat} fresh processes. "
-        f"Machine: {machine()}. Measured {datetime.date.today()}.",
-        "",
-        "| case | command | wall s | × floor | engine s | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in args.cases:
-            lines += run_case(CASES[key], args, Path(tmp))
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_section("merge", "Whole merge process (`bench/bench_merge.py`)", table)
+    whole_process_table(args, f"B − A, `{' '.join(MERGE_ARGS)}`", lambda key, tmp: run_case(CASES[key], args, tmp),
+                        "merge", "Whole merge process (`bench/bench_merge.py`)")
     return 0
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -105,3 +108,34 @@ def write_section(name: str, heading: str, table: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
     README.write_text(text)
+
+
+def whole_process_parser(description: str, cases: list[str], stock_help: str) -> argparse.ArgumentParser:
+    """The options every whole-process benchmark takes: cases, repeats, stock's checkout, --write."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", nargs="+", choices=cases, default=cases)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts checkout, to time the stock script too")
+    parser.add_argument("--stock-python", type=str, help="the Python that can run sd-scripts")
+    parser.add_argument("--stock-cases", nargs="+", choices=cases, default=["real"], help=stock_help)
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
+    return parser
+
+
+def whole_process_table(
+    args: argparse.Namespace, intro: str, run_case: Callable[[str, Path], list[str]], section: str, heading: str
+) -> None:
+    """Run every case in one temp folder, print the table and, with --write, put it in bench/README.md."""
+    lines = [
+        f"{intro}, best of {args.repeat} fresh processes. Machine: {machine()}. Measured {datetime.date.today()}.",
+        "",
+        "| case | command | wall s | × floor | engine s | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.cases:
+            lines += run_case(key, Path(tmp))
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section(section, heading, table)
