@@ -8,6 +8,8 @@ test_cuda.py runs the same checks on a GPU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -285,3 +287,38 @@ def test_module_job_needs_one_scale_per_input():
         ModuleJob("m", ups, downs, [1.0, -1.0, 1.0, -1.0], 4)
     with pytest.raises(ValueError, match="1 downs"):
         ModuleJob("m", ups, downs[:1], [1.0, -1.0], 4)
+
+
+# Tall cancelling modules like SD1.5's ff proj (10240 x 1280): MKL's QR of their P rounded
+# differently on 1 and 2 threads before the kernel pinned its LAPACK calls to one MKL thread.
+THREAD_COUNT_RUN = """
+import sys, torch
+from copylora.engine import merge_jobs
+from copylora.engine.jobs import ModuleJob, SvdOptions
+gen = torch.Generator().manual_seed(0)
+jobs = []
+for b in range(6):
+    up, down = torch.randn(10240, 8, generator=gen) * 0.02, torch.randn(8, 1280, generator=gen) / 36
+    near_up = up + 1e-3 * torch.randn(up.shape, generator=gen)
+    near_down = down + 1e-3 * torch.randn(down.shape, generator=gen)
+    jobs.append(ModuleJob(f"m{b}", [near_up, up], [near_down, down], [1.0, -1.0], 16))
+merged = merge_jobs(jobs, SvdOptions(), backend="ext").modules
+torch.save({name: (m.up, m.down, m.singular_values) for name, m in merged.items()}, sys.argv[1])
+"""
+
+
+@requires_ext
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to compare thread counts")
+def test_ext_result_does_not_depend_on_the_thread_count(tmp_path):
+    """README's guarantee: the ext backend on the CPU gives bit-identical results at any OMP_NUM_THREADS."""
+    results = []
+    for threads in (1, 2):
+        path = tmp_path / f"threads{threads}.pt"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run([sys.executable, "-c", THREAD_COUNT_RUN, str(path)], env=env, check=True, timeout=300)
+        results.append(torch.load(path))
+    one, two = results
+    assert one.keys() == two.keys()
+    for name in one:
+        for a, b in zip(one[name], two[name]):
+            assert torch.equal(a, b), name

@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -148,6 +152,48 @@ void clamp_module(const GroupShape& g, int64_t rank, float quantile, float* up, 
   for_each_clamped(g, rank, up, down, [&](float& x) { x = std::min(std::max(x, -hi), hi); });
 }
 
+// MKL chooses its blocking, and so its rounding, by the number of threads it runs on: the QR of a
+// tall P (10240 x 16) came out 1 ulp apart with OMP_NUM_THREADS=1 and 2. While alive, this makes
+// the calling thread's MKL calls single-threaded, so the result does not depend on the thread
+// count. MKL_Set_Num_Threads_Local (the C entry of mkl_set_num_threads_local; the lower-case symbol
+// is the Fortran one, which takes a pointer) is looked up at run time in the library holding ATen (torch
+// builds without MKL have no such symbol, and then this does nothing).
+class SingleThreadedMkl {
+ public:
+  SingleThreadedMkl() : set_local_(lookup()) {
+    if (set_local_ != nullptr) {
+      previous_ = set_local_(1);
+    }
+  }
+  ~SingleThreadedMkl() {
+    if (set_local_ != nullptr) {
+      set_local_(previous_);  // 0: back to MKL's global setting
+    }
+  }
+  SingleThreadedMkl(const SingleThreadedMkl&) = delete;
+  SingleThreadedMkl& operator=(const SingleThreadedMkl&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal lookup() {
+#if defined(__linux__) || defined(__APPLE__)
+    static const SetLocal found = [] {
+      Dl_info info;
+      if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0 || info.dli_fname == nullptr) {
+        return SetLocal{nullptr};
+      }
+      void* aten = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+      return aten == nullptr ? SetLocal{nullptr} : reinterpret_cast<SetLocal>(dlsym(aten, "MKL_Set_Num_Threads_Local"));
+    }();
+    return found;
+#else
+    return nullptr;
+#endif
+  }
+  SetLocal set_local_;
+  int previous_ = 0;
+};
+
 // Modules per batched LAPACK call: enough to amortise ATen's per-call cost and to give every
 // thread work in the parallel passes, few enough that a chunk's temporaries (P, Q, their QR
 // factors, U, Vh: a few MB) are reused heap memory. One big batch per group was slower: every
@@ -181,9 +227,12 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
   });
   check_finite(p, q);
   const int64_t kk = g.computed;
-  auto [u, s, vh] = factored_svd(g, p, q, [](const at::Tensor& cores) {
-    return at::linalg_svd(cores, /*full_matrices=*/false);
-  });  // (count, out, kk), (count, m), (count, kk, in)
+  auto [u, s, vh] = [&] {
+    const SingleThreadedMkl same_result_at_any_thread_count;
+    return factored_svd(g, p, q, [](const at::Tensor& cores) {
+      return at::linalg_svd(cores, /*full_matrices=*/false);
+    });  // (count, out, kk), (count, m), (count, kk, in)
+  }();
   std::copy_n(s.const_data_ptr<float>(), count * g.singular, singular_data + begin * g.singular);
   const float* u_data = u.const_data_ptr<float>();
   const float* s_data = s.const_data_ptr<float>();
