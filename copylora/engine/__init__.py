@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -44,6 +45,12 @@ class EngineResult:
     seconds: float
 
 
+@lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """A fallback is said once per process, not once per engine call."""
+    logger.warning(message)
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """'ext' or 'torch' for this request; raises if 'ext' was asked for and cannot run."""
     status = ops.load_status()
@@ -52,12 +59,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if not status.available:
         if requested == "ext":
             raise CopyloraError(f"--backend ext: the copylora._C extension did not load ({status.error})")
-        logger.warning("copylora._C extension unavailable (%s); using the pure-torch backend", status.error)
+        warn_once(f"copylora._C extension unavailable ({status.error}); using the pure-torch backend")
         return "torch"
     if device.type == "cuda" and not status.cuda:
         if requested == "ext":
             raise CopyloraError("--backend ext: copylora._C was built without CUDA kernels; rebuild with CUDA")
-        logger.warning("copylora._C was built without CUDA kernels; using the pure-torch backend on %s", device)
+        warn_once(f"copylora._C was built without CUDA kernels; using the pure-torch backend on {device}")
         return "torch"
     if device.type == "cuda" and not CUDA_KERNEL_VERIFIED:
         if requested == "ext":

@@ -16,8 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
+
+from copylora.extension_build import BuildRecord
+
+PACKAGE_FOLDER = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ def load_status() -> ExtensionStatus:
     try:
         from copylora import _C  # registers the ops
     except (ImportError, OSError) as exc:
+        record = BuildRecord.load(PACKAGE_FOLDER)
+        if record is not None and record.built == "none":  # left out on purpose: say why, not ImportError
+            return ExtensionStatus(available=False, error=f"not built: {record.why}")
         return ExtensionStatus(available=False, error=f"{type(exc).__name__}: {exc}")
     _register_fake()
 
