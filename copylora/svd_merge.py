@@ -148,8 +148,30 @@ def validate_output(save_to: Path | None, inputs: list[Path]) -> None:
 
 
 def validate_device(device: str | None) -> None:
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise CopyloraError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})")
+    """--device, before any file is read: cpu, or a CUDA device this torch can see."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CopyloraError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise CopyloraError(f"--device {device}: copylora computes on cpu or cuda (cuda:N)")
+    if not torch.backends.cuda.is_built():
+        raise CopyloraError(
+            f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; use --device cpu "
+            "(or install a CUDA build of torch)"
+        )
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise CopyloraError(
+            f"--device {device}: torch {torch.__version__} has CUDA but sees no GPU (no driver, or "
+            "CUDA_VISIBLE_DEVICES hides them); use --device cpu"
+        )
+    if parsed.index is not None and parsed.index >= visible:
+        raise CopyloraError(f"--device {device}: torch sees {visible} GPU(s), cuda:0 to cuda:{visible - 1}")
 
 
 def at_merge_precision(factor: torch.Tensor, merge_dtype: torch.dtype) -> torch.Tensor:

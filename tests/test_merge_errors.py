@@ -187,9 +187,37 @@ def test_save_to_missing_folder(run_merge, tmp_path, pair):
     assert not out.parent.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_without_cuda(run_merge, tmp_path, pair):
-    check_case(run_merge, tmp_path, list(pair), ["--device", "cuda"], ["--device cuda", "CUDA is not available"])
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "--device gpu: not a device; use cpu, cuda or cuda:N"), ("mps", "--device mps: copylora computes on cpu or cuda")],
+)
+def test_device_that_is_not_cpu_or_cuda(run_merge, tmp_path, pair, device, message):
+    check_case(run_merge, tmp_path, list(pair), ["--device", device], [message])
+
+
+def test_device_is_checked_before_any_file_is_read(run_merge, tmp_path):
+    """--device gpu used to fail with a traceback after loading both inputs."""
+    missing = [tmp_path / "B.safetensors", tmp_path / "A.safetensors"]
+    assert_refused(run_merge(*merge_args(missing, tmp_path / "out.safetensors", "--device", "gpu")), "--device gpu")
+
+
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="this torch has CUDA")
+def test_cuda_with_a_cpu_only_torch(run_merge, tmp_path, pair):
+    needles = ["--device cuda", f"this torch ({torch.__version__}) is a CPU-only build; use --device cpu"]
+    check_case(run_merge, tmp_path, list(pair), ["--device", "cuda"], needles)
+
+
+def test_cuda_torch_that_sees_no_gpu(run_merge, tmp_path, pair, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    needles = ["--device cuda:0", "has CUDA but sees no GPU", "use --device cpu"]
+    check_case(run_merge, tmp_path, list(pair), ["--device", "cuda:0"], needles)
+
+
+def test_cuda_index_past_the_visible_gpus(run_merge, tmp_path, pair, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_case(run_merge, tmp_path, list(pair), ["--device", "cuda:1"], ["--device cuda:1: torch sees 1 GPU(s), cuda:0 to cuda:0"])
 
 
 def test_exit_code_and_message_from_a_real_process(tmp_path, pair):
