@@ -35,13 +35,16 @@ def check_plot_path(path: Path) -> None:
         raise CopyloraError(f"{path}: unsupported plot type {path.suffix!r} (use {', '.join(PLOT_SUFFIXES)})")
     if not path.parent.is_dir():
         raise CopyloraError(f"{path}: folder {path.parent} does not exist")
+    _figure_class()
 
 
 def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise CopyloraError(f"--plot: needs matplotlib ({exc}); install it with `pip install matplotlib`") from exc
+        raise CopyloraError(
+            f"--plot: needs matplotlib ({exc}); install it with `pip install matplotlib` (copylora's [plot] extra)"
+        ) from exc
     return Figure
 
 

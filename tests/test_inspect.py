@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from copylora import inspect as inspect_cli
 from copylora.fidelity import Summary, block_summaries
 from copylora.inspect import main as inspect_main
 from copylora.inspection import inspect_lora
@@ -193,9 +194,15 @@ def test_bad_inputs(tmp_path, inputs, run):
     refused(run(str(out), "--against", str(wrong), "--ratios", "1"), "has shape", "not merged from these models")
 
 
-def test_plot_without_matplotlib(tmp_path, inputs, run, monkeypatch):
+def test_plot_without_matplotlib_fails_before_the_work(tmp_path, inputs, run, monkeypatch):
     out = merge(inputs, tmp_path / "out.safetensors")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails like an uninstalled package
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("inspect ran before finding that it cannot plot")
+
+    monkeypatch.setattr(inspect_cli, "inspect_lora", no_work)
     code, err = run(str(out), "--plot", str(tmp_path / "s.png"))
-    assert code == 2 and "needs matplotlib" in err and "pip install matplotlib" in err
+    assert code == 2 and "needs matplotlib" in err and "pip install matplotlib" in err and "[plot]" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "s.png").exists()
