@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from copylora import copy_machine_report, preview
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import CopyloraError, run_cli
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
@@ -34,7 +35,10 @@ METHODS = ("subtract", "merged-base")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train LoRA A and LoRA B with kohya, then write the edit's LoRA.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train LoRA A and LoRA B with kohya, then write the edit's LoRA.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     add_kohya_arguments(parser)
     parser.add_argument("--before", required=True, type=Path, metavar="A", help="the original image (or folder)")
     parser.add_argument("--after", required=True, type=Path, metavar="B", help="the edited image (or folder)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from copylora import merge
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.synthetic import write_sd15_pair
 
@@ -19,11 +20,11 @@ PROG = "copylora.demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("copylora-demo"), help="folder for A, B and the difference")
-    parser.add_argument("--new_rank", type=int, default=16, help="rank of the difference LoRA (default 16)")
+    parser.add_argument("--new_rank", type=int, default=16, help="rank of the difference LoRA")
     parser.add_argument("--backend", default="auto", help="merge engine, as in copylora.merge")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic pair")
     return parser
 
 

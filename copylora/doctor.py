@@ -12,6 +12,7 @@ import torch
 
 from copylora import __version__
 from copylora.engine import CUDA_KERNEL_VERIFIED, UNVERIFIED_CUDA, ops
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.extension_build import KERNEL_LABELS, BuildRecord
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Report the torch build, whether copylora's C++/CUDA extension (copylora._C) is built and "
             "loads, with which kernels, and which backend `--backend auto` picks on the CPU and on CUDA."
         ),
+        formatter_class=DefaultsHelpFormatter,
     )
 
 

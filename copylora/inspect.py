@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
 from copylora.fidelity import Summary, block_summaries, format_table, render_table, totals_line
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per block (text encoder, down/mid/up blocks): the ranks of a merged LoRA and, given the "
         "models it was merged from, how much of the exact delta it keeps and what the clamp and the save "
         "dtype's rounding cost (all relative Frobenius norms).",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("lora", type=Path, help="the merged LoRA (.safetensors, .ckpt, .pt)")
     parser.add_argument("--against", type=Path, nargs="+", default=None,
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="their ratios, as given to the merge (B - A: --ratios 1 -1)")
     parser.add_argument("--lbws", type=str, nargs="+", default=None, help="their block weights, if the merge had any")
     parser.add_argument("--clamp_quantile", type=float, default=None,
-                        help="the merge's clamp quantile; read off the file if omitted")
+                        help="the merge's clamp quantile (default: read off the file)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write the singular-value spectra per block, with the rank cuts (.png, .svg, .pdf)")
     parser.add_argument("--backend", type=str, default="auto", choices=list(BACKEND_CHOICES),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
@@ -27,22 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Merge LoRAs by SVD like kohya's svd_merge_lora.py (same flags, same file format), "
         "computing each module's SVD from its factors instead of the dense weight.",
+        formatter_class=DefaultsHelpFormatter,
     )
     precisions = list(PRECISIONS)
     # kohya's flags, defaults and choices
     parser.add_argument("--save_precision", type=str, default=None, choices=[None, *precisions],
-                        help="precision of the saved file; the merge precision if omitted")
+                        help="precision of the saved file (default: same as --precision)")
     parser.add_argument("--precision", type=str, default="float", choices=precisions,
                         help="precision of the inputs during the merge (the SVD itself always runs in float32)")
-    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt or .pt")
-    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge: .safetensors, .ckpt, .pt")
-    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1)")
+    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt or .pt (required)")
+    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge: .safetensors, .ckpt, .pt (required)")
+    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1) (required)")
     parser.add_argument("--lbws", type=str, nargs="*",
                         help="one block-weight JSON list per model, of length 12, 17, 20 or 26")
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the output LoRA")
     parser.add_argument("--new_conv_rank", type=int, default=None,
-                        help="rank of the output for 3x3 conv modules; new_rank if omitted")
-    parser.add_argument("--device", type=str, default=None, help="where to compute: cpu (default), cuda or cuda:N")
+                        help="rank of the output for 3x3 conv modules (default: same as --new_rank)")
+    parser.add_argument("--device", type=str, default=None, help="where to compute: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--no_metadata", action="store_true",
                         help="do not write sai modelspec metadata (the minimal ss_* metadata is always written)")
     # copylora's own options

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from copylora.cli_help import RawDescriptionDefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.kohya import checkout as sd_checkout
 from copylora.kohya.job import default_python
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and runs instead whenever copylora cannot be imported."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionDefaultsHelpFormatter,
     )
     parser.add_argument(
         "action",

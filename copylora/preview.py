@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from copylora import grid
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.kohya import generate
 from copylora.kohya import job as kohya_job
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, usage="%(prog)s --sd-scripts DIR --base MODEL --lora FILE --out DIR [options] [-- GEN_IMG_ARGS ...]",
         description="Pictures of a LoRA at several strengths with kohya's gen_img.py, and a labelled grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--sd-scripts", required=True, type=Path, metavar="DIR",
                         help="kohya-ss/sd-scripts checkout (or a Kohya's GUI folder with sd-scripts/ in it)")
     parser.add_argument("--base", required=True, type=Path, metavar="MODEL",

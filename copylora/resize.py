@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
@@ -29,19 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Resize a LoRA like kohya's resize_lora.py (same flags, same file format), "
         "computing each module's SVD from its factors instead of the dense weight.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     # kohya's flags, defaults and choices
     parser.add_argument("--save_precision", type=str, default=None, choices=[None, *PRECISIONS],
-                        help="precision of the saved file (every tensor); float if omitted")
+                        help="precision of the saved file (every tensor) (default: float)")
     parser.add_argument("--new_rank", type=int, default=4,
                         help="rank of the output LoRA; the maximum with --dynamic_method")
     parser.add_argument("--new_conv_rank", type=int, default=None,
-                        help="rank for conv modules (every 4-D module, 1x1 included); new_rank if omitted")
-    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt, .pt or .pth")
+                        help="rank for conv modules (every 4-D module, 1x1 included) (default: same as --new_rank)")
+    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt, .pt or .pth (required)")
     parser.add_argument("--model", type=str, default=None,
-                        help="LoRA to resize: .safetensors, .ckpt, .pt, .pth (kohya, PEFT or ControlLoRA names)")
-    parser.add_argument("--device", type=str, default=None, help="where to compute: cpu (if omitted), cuda or cuda:N")
+                        help="LoRA to resize: .safetensors, .ckpt, .pt, .pth (kohya, PEFT or ControlLoRA names) (required)")
+    parser.add_argument("--device", type=str, default=None, help="where to compute: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--verbose", action="store_true",
                         help="print each module's retained sum and Frobenius norm of its singular values")
     parser.add_argument("--dynamic_method", type=str, default=None, choices=[None, *DYNAMIC_METHODS],

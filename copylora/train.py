@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from copylora.cli_help import DefaultsHelpFormatter
 from copylora.kohya import job as kohya_job
 from copylora.errors import CopyloraError, run_cli
 from copylora.kohya.options import KohyaOptions, Preset, load_preset, preset_path
@@ -47,7 +48,9 @@ def add_kohya_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train one overfit LoRA with kohya's train_network.py.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train one overfit LoRA with kohya's train_network.py.", formatter_class=DefaultsHelpFormatter
+    )
     add_kohya_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, metavar="PATH", help="one image, or a folder of images")
     parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
