@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from safetensors.torch import save_file
 from copylora import copy_machine, grid
 from copylora.errors import CopyloraError
 from copylora.kohya import bake
+from copylora.kohya.checkout import find_checkout
+from copylora.kohya.job import default_python
 from copylora.lora_file import read_lora
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
@@ -299,6 +302,17 @@ def test_bad_preview_args_stop_before_training(setup, capsys):
     assert exit_.value.code == 2 and setup.trained() == []
 
 
+def training_pair(folder: Path) -> tuple[Path, Path]:
+    """A colour picture (A) and its monochrome copy (B), 64 x 96, as in the article."""
+    mandelbrot = Image.effect_mandelbrot((64, 96), (-2.0, -1.5, 1.0, 1.5), 60)  # grayscale
+    colour = Image.merge("RGB", (mandelbrot, mandelbrot.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+                                 Image.eval(mandelbrot, lambda v: 255 - v)))
+    before, after = folder / "before.png", folder / "after.png"
+    colour.save(before)
+    colour.convert("L").convert("RGB").save(after)
+    return before, after
+
+
 KOHYA = os.environ.get("COPYLORA_SD_SCRIPTS")
 BASE = os.environ.get("COPYLORA_BASE_MODEL")
 
@@ -307,10 +321,7 @@ BASE = os.environ.get("COPYLORA_BASE_MODEL")
 @pytest.mark.skipif(not (KOHYA and BASE), reason="set COPYLORA_SD_SCRIPTS and COPYLORA_BASE_MODEL (tests/README.md)")
 def test_real_kohya_trains_and_merges(tmp_path, capsys):
     """2 steps at 64 px per LoRA with the real train_network.py, then the real merge; then a rerun reuses both."""
-    before, after = tmp_path / "before.png", tmp_path / "after.png"
-    picture = Image.effect_mandelbrot((64, 96), (-2.0, -1.5, 1.0, 1.5), 60).convert("RGB")
-    picture.save(before)
-    picture.convert("L").convert("RGB").save(after)
+    before, after = training_pair(tmp_path)
     output = tmp_path / "edit.safetensors"
     args = ["--sd-scripts", KOHYA, "--base", BASE, "--before", str(before), "--after", str(after),
             "--output", str(output), "--set", "max_train_steps=2", "--set", "resolution=64"]
@@ -340,10 +351,7 @@ def test_real_kohya_merged_base_and_preview(tmp_path, capsys):
         pytest.skip(f"{base}: no single-file copy of the base model (tests/README.md, step 2)")
     work = tmp_path / "作業 フォルダ"  # paths with spaces and Japanese, as many kohya users have
     work.mkdir()
-    before, after = work / "before.png", work / "after.png"
-    picture = Image.effect_mandelbrot((64, 96), (-2.0, -1.5, 1.0, 1.5), 60).convert("RGB")
-    picture.save(before)
-    picture.convert("L").convert("RGB").save(after)
+    before, after = training_pair(work)
     output = work / "edit.safetensors"
     python = os.environ.get("COPYLORA_KOHYA_PYTHON")
     tokenizers = os.environ.get("COPYLORA_TOKENIZER_CACHE_DIR")
@@ -375,3 +383,8 @@ def test_real_kohya_merged_base_and_preview(tmp_path, capsys):
         assert sheet.crop((x0 + c * (w + pad), 0, x0 + c * (w + pad) + w, y0)).convert("L").getextrema()[0] < 128
     report = output.with_suffix(".report.md").read_text()
     assert "![preview grid](edit_preview/grid.png)" in report and "merged checkpoint (deleted)" in report
+    # the empty prompt is written "()": gen_img's own prompt parser makes the same (no) text of both
+    check = "from gen_img import parse_prompt_attention as p; assert p('()') == p('') == [['', 1.0]], p('()')"
+    done = subprocess.run([python or default_python(find_checkout(KOHYA)), "-c", check], cwd=find_checkout(KOHYA),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
