@@ -60,8 +60,12 @@ def extension(kernels: str):
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     debug = os.environ.get("COPYLORA_DEBUG") == "1"
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++20", "-DPy_LIMITED_API=0x03090000", *openmp_flags()]
+    if IS_WINDOWS:  # MSVC's spelling of the same flags
+        cxx_flags = ["/Od", "/Zi"] if debug else ["/O2"]
+        cxx_flags += ["/std:c++20", "/DPy_LIMITED_API=0x03090000"]
+    else:
+        cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+        cxx_flags += ["-std=c++20", "-DPy_LIMITED_API=0x03090000", *openmp_flags()]
     common = dict(
         name="copylora._C",
         include_dirs=[os.path.join(HERE, CSRC)],
@@ -192,7 +196,10 @@ class BuildExtensionIfPossible(BuildExtension):
         except BuildRefused as exc:
             raise SystemExit(f"copylora: error: {exc}") from None
         built, failures = "none", {}
+        # build_ext.run() replaces the --compiler option with the compiler it made: each attempt starts afresh
+        compiler_option = self.compiler
         for kernels in plan.attempts:
+            self.compiler = compiler_option
             error = self.try_build(kernels, plan)
             if error is None:
                 built = kernels
