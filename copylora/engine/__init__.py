@@ -53,9 +53,9 @@ def warn_once(message: str) -> None:
 
 def resolve_backend(requested: str, device: torch.device) -> str:
     """'ext' or 'torch' for this request; raises if 'ext' was asked for and cannot run."""
-    status = ops.load_status()
-    if requested == "torch":
+    if requested == "torch":  # without loading _C: the process a user without the extension runs
         return "torch"
+    status = ops.load_status()
     if not status.available:
         if requested == "ext":
             raise CopyloraError(f"--backend ext: the copylora._C extension did not load ({status.error})")
