@@ -8,7 +8,8 @@ compute-sanitizer but no package index and no network. From the repository root:
     python bench/gpu_check.py --sd-scripts DIR --stock-python PY   # also time stock --device cuda
 
 Steps (each a fresh process, so the freshly built extension is the one loaded):
-1. build  — `setup.py build_ext --inplace` with CUDA for this GPU's architecture (skipped on cpu);
+1. build  — `setup.py build_ext --inplace` for this GPU's architecture with CUDA required
+   (COPYLORA_BUILD_EXT=cuda: a failed CUDA build fails, never falls back; skipped on cpu);
 2. tests  — tests/test_cuda.py (its golden cases need ../shared or the vendored tests/data);
 3. accuracy — every module of kohya's SD1.5 (264) and SDXL (986) manifests, cancelling B − A
    pairs with all-zero modules among them, R = 16, 64, 256, fp16/bf16/fp32: the unclamped
@@ -213,7 +214,7 @@ def build(args: argparse.Namespace) -> dict:
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    env = {**os.environ, "COPYLORA_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
+    env = {**os.environ, "COPYLORA_BUILD_EXT": "cuda", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
            "MAX_JOBS": str(os.cpu_count() or 4)}
     code, output, seconds = run([sys.executable, "setup.py", "build_ext", "--inplace"], 300, env)
     if code != 0:
