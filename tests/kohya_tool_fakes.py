@@ -13,27 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import kohya_file
+from tests.test_train_fakes import PARSER_FROM_DUMP
 
-PARSER = '''
-import argparse, hashlib, json, os, re, sys
+PARSER = PARSER_FROM_DUMP + '''
+import hashlib, os, re, sys
 from pathlib import Path
 
 def setup_parser():
-    parser = argparse.ArgumentParser()
-    for o in json.load(open(__DUMP__))["options"]:
-        if o["action"] == "_HelpAction":
-            continue
-        kwargs = {"dest": o["dest"]}
-        if o["action"] == "_StoreTrueAction":
-            kwargs["action"] = "store_true"
-        elif o["nargs"] is not None:
-            kwargs["nargs"] = o["nargs"]
-        if o["choices"] is not None:
-            kwargs["choices"] = o["choices"]
-        if o["type"] in ("int", "float"):
-            kwargs["type"] = {"int": int, "float": float}[o["type"]]
-        parser.add_argument(*o["flags"], **kwargs)
-    return parser
+    return parser_from_dump(__DUMP__)
 
 def log(record):
     record.update(script=os.path.basename(__file__), argv=sys.argv[1:], cwd=os.getcwd())

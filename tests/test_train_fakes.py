@@ -20,20 +20,16 @@ from tests.conftest import kohya_file
 DUMPS = {"train_network.py": kohya_file("train_network_args.json"),
          "sdxl_train_network.py": kohya_file("sdxl_train_network_args.json")}
 
-FAKE_SCRIPT = textwrap.dedent('''
-    import argparse, hashlib, json, os, sys, tomllib
-    from pathlib import Path
+# kohya's parser, rebuilt from its dump: the first part of every stand-in script (plain text, not a template)
+PARSER_FROM_DUMP = textwrap.dedent('''
+    import argparse, json
 
-    DUMP = {dump!r}
-
-    def setup_parser():
-        # the probe must not put copylora's package folder on sys.path (its inspect.py would shadow the stdlib's)
-        assert not any(os.path.isfile(os.path.join(p or ".", "_probe.py")) for p in sys.path), sys.path
+    def parser_from_dump(path):
         parser = argparse.ArgumentParser()
-        for o in json.load(open(DUMP))["options"]:
+        for o in json.load(open(path))["options"]:
             if o["action"] == "_HelpAction":
                 continue
-            kwargs = {{"dest": o["dest"]}}
+            kwargs = {"dest": o["dest"]}
             if o["action"] == "_StoreTrueAction":
                 kwargs["action"] = "store_true"
             elif o["nargs"] is not None:
@@ -41,9 +37,21 @@ FAKE_SCRIPT = textwrap.dedent('''
             if o["choices"] is not None:
                 kwargs["choices"] = o["choices"]
             if o["type"] in ("int", "float"):
-                kwargs["type"] = {{"int": int, "float": float}}[o["type"]]
+                kwargs["type"] = {"int": int, "float": float}[o["type"]]
             parser.add_argument(*o["flags"], **kwargs)
         return parser
+''')
+
+FAKE_SCRIPT = textwrap.dedent('''
+    import hashlib, json, os, sys, tomllib
+    from pathlib import Path
+
+    DUMP = {dump!r}
+
+    def setup_parser():
+        # the probe must not put copylora's package folder on sys.path (its inspect.py would shadow the stdlib's)
+        assert not any(os.path.isfile(os.path.join(p or ".", "_probe.py")) for p in sys.path), sys.path
+        return parser_from_dump(DUMP)
 
     if __name__ == "__main__":
         args = setup_parser().parse_args()
@@ -101,7 +109,7 @@ def make_sd_scripts(root: Path) -> Path:
     (root / "networks" / "lora.py").write_text("# fake\n")
     (root / "networks" / "svd_merge_lora.py").write_text("# fake\n")
     for script, dump in DUMPS.items():
-        (root / script).write_text(FAKE_SCRIPT.format(dump=str(dump)))
+        (root / script).write_text(PARSER_FROM_DUMP + FAKE_SCRIPT.format(dump=str(dump)))
     return root
 
 
