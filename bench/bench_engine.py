@@ -2,7 +2,7 @@
 
     python bench/bench_engine.py [--quick] [--no-readme]
 
-Synthetic LoRAs with every module of ../shared/kohya/manifests/{sd15,sdxl}.json (fp16 factors,
+Synthetic LoRAs with every module of kohya's manifests (fp16 factors,
 ratios 1 and -1, stock's 0.99 clamp), timed from ModuleJobs to merged float32 factors — file I/O
 is bench_merge.py's business. Each engine case runs in a fresh process, so its peak RSS is its
 own. Prints a table and rewrites the engine section of bench/README.md.
@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from copylora.engine import merge_jobs, reference  # noqa: E402
 from copylora.engine.jobs import ModuleJob, SvdOptions  # noqa: E402
+from common import MANIFEST_DIRS  # noqa: E402
 
-MANIFESTS = REPO.parent / "shared" / "kohya" / "manifests"
 README = HERE / "README.md"
 START, END = "<!-- engine:start -->", "<!-- engine:end -->"
 
@@ -40,7 +40,8 @@ START, END = "<!-- engine:start -->", "<!-- engine:end -->"
 def manifest_jobs(variant: str, input_ranks: list[int], new_rank: int, seed: int = 0) -> list[ModuleJob]:
     """One job per manifest module: len(input_ranks) random fp16 LoRAs with alternating ratios ±1."""
     gen = torch.Generator().manual_seed(seed)
-    modules = json.loads((MANIFESTS / f"{variant}.json").read_text())["modules"]
+    manifest = next(d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file())
+    modules = json.loads(manifest.read_text())["modules"]
     jobs = []
     for module in modules:
         out, in_flat = module["up"][0], math.prod(module["down"][1:])

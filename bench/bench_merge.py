@@ -24,13 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (FLOOR, REAL_PAIR, Run, best, engine_seconds, manifest_pair, timed, whole_process_parser,
-                    whole_process_table)
+from common import Comparison, REAL_PAIR, comparison_rows, manifest_pair, whole_process_parser, whole_process_table
 
 MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--new_conv_rank", "8", "--device", "cpu",
               "--save_precision", "fp16"]
 # stock's times on this machine as ../shared/README.md records them (not rerun here)
-RECORDED_STOCK = {"sdxl": "≈ 13 min, 13 GB RAM", "locon": "≈ 8 min", "real": "≈ 3.5 min"}
+RECORDED_STOCK = {"sdxl": "≈ 13 min, 13 GB RAM (../shared/README.md)", "locon": "≈ 8 min (../shared/README.md)",
+                  "real": "≈ 3.5 min (../shared/README.md)"}
 
 
 @dataclass(frozen=True)
@@ -53,44 +53,27 @@ def case_inputs(case: Case, workdir: Path) -> list[str]:
     return [str(p) for p in manifest_pair(case.variant, workdir / case.key)]
 
 
-def merge_command(models: list[str], out: str, backend: str) -> list[str]:
-    return [sys.executable, "-m", "copylora.merge", "--models", *models, *MERGE_ARGS, "--save_to", out,
-            "--backend", backend, "--quiet"]
-
-
-def floor_command(models: list[str], out: Path, size: int) -> list[str]:
-    return [sys.executable, "-c", FLOOR, *models, str(out), str(size)]
-
-
-def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[str]:
+def comparison(case: Case, args: argparse.Namespace, workdir: Path) -> Comparison:
     models = case_inputs(case, workdir)
-    out = str(workdir / f"{case.key}-diff.safetensors")
-    rows: list[tuple[str, Run | None, str]] = []
-    for backend in ("ext", "torch"):
-        run = best([timed(merge_command(models, out, backend)) for _ in range(args.repeat)])
-        rows.append((f"copylora.merge --backend {backend}", run, f"{engine_seconds(run.stdout):.3f}"))
-    size = Path(out).stat().st_size
-    floor = best([timed(floor_command(models, workdir / "floor.safetensors", size)) for _ in range(args.repeat)])
-    rows.append(("I/O floor", floor, "–"))
+    out = workdir / f"{case.key}-diff.safetensors"
+    stock = None
     if args.sd_scripts and args.stock_python and case.key in args.stock_cases:
-        stock = timed([args.stock_python, "networks/svd_merge_lora.py", "--models", *models, *MERGE_ARGS,
-                       "--save_to", str(workdir / "stock.safetensors")], cwd=args.sd_scripts)
-        rows.append(("stock svd_merge_lora.py (1 run)", stock, "–"))
-    lines = []
-    for label, run, core in rows:
-        lines.append(f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} | "
-                     f"{run.peak_rss_mb:.0f} |")
-    if not any(label.startswith("stock") for label, _, _ in rows):
-        lines.append(f"| {case.label} | stock svd_merge_lora.py (recorded in ../shared/README.md, not rerun) | "
-                     f"{RECORDED_STOCK[case.key]} | – | – | – |")
-    return lines
+        stock = [args.stock_python, "networks/svd_merge_lora.py", "--models", *models, *MERGE_ARGS,
+                 "--save_to", str(workdir / "stock.safetensors")]
+    return Comparison(
+        case.label, "copylora.merge",
+        lambda backend: [sys.executable, "-m", "copylora.merge", "--models", *models, *MERGE_ARGS,
+                         "--save_to", str(out), "--backend", backend, "--quiet"],
+        models, out, "svd_merge_lora.py", stock, args.sd_scripts, RECORDED_STOCK[case.key],
+    )
 
 
 def main() -> int:
     parser = whole_process_parser(__doc__.splitlines()[0], list(CASES),
                                   "cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)")
     args = parser.parse_args()
-    whole_process_table(args, f"B − A, `{' '.join(MERGE_ARGS)}`", lambda key, tmp: run_case(CASES[key], args, tmp),
+    whole_process_table(args, f"B − A, `{' '.join(MERGE_ARGS)}`",
+                        lambda key, tmp: comparison_rows(comparison(CASES[key], args, tmp), args.repeat, tmp),
                         "merge", "Whole merge process (`bench/bench_merge.py`)")
     return 0
 

@@ -24,8 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (FLOOR, REAL_PAIR, Run, best, engine_seconds, manifest_pair, timed, whole_process_parser,
-                    whole_process_table)
+from common import Comparison, REAL_PAIR, comparison_rows, manifest_pair, whole_process_parser, whole_process_table
 
 COMMON_ARGS = ["--save_precision", "fp16", "--device", "cpu"]
 SDXL_DIM = 32
@@ -37,15 +36,18 @@ class Case:
     label: str
     synthetic: bool  # the SDXL LoRA synthesised from kohya's manifest; else the real SD1.5 A
     args: tuple[str, ...]
-    recorded_stock: str  # stock on this machine, once, under load from other work (see bench/README.md)
+    recorded_stock: str  # stock once on this machine, niced under load from other work (bench/README.md)
 
 
 CASES = {
-    "real": Case("real", "real SD1.5 LoRA (264 modules), dim 8 → 4", False, ("--new_rank", "4"), "388 s (issue 10)"),
-    "sdxl": Case("sdxl", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → 8", True, ("--new_rank", "8"), "not recorded"),
+    "real": Case("real", "real SD1.5 LoRA (264 modules), dim 8 → 4", False, ("--new_rank", "4"),
+                 "388 s (issue 10, under load)"),
+    "sdxl": Case("sdxl", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → 8", True, ("--new_rank", "8"),
+                 "17:53, 7.98 GB peak (2026-11-26, load ≈ 8)"),
     "sdxl-dynamic": Case(
         "sdxl-dynamic", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → sv_fro 0.9, max 16", True,
-        ("--new_rank", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9"), "not recorded",
+        ("--new_rank", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9"),
+        "18:47, 7.45 GB peak (2026-11-26, load ≈ 8)",
     ),
 }
 
@@ -57,40 +59,27 @@ def case_input(case: Case, workdir: Path) -> str:
     return str(a)
 
 
-def resize_command(model: str, case: Case, out: str, backend: str) -> list[str]:
-    return [sys.executable, "-m", "copylora.resize", "--model", model, *case.args, *COMMON_ARGS, "--save_to", out,
-            "--backend", backend, "--quiet"]
-
-
-def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[str]:
+def comparison(case: Case, args: argparse.Namespace, workdir: Path) -> Comparison:
     model = case_input(case, workdir)
-    out = str(workdir / f"{case.key}-resized.safetensors")
-    rows: list[tuple[str, Run, str]] = []
-    for backend in ("ext", "torch"):
-        run = best([timed(resize_command(model, case, out, backend)) for _ in range(args.repeat)])
-        rows.append((f"copylora.resize --backend {backend}", run, f"{engine_seconds(run.stdout):.3f}"))
-    size = Path(out).stat().st_size
-    floor = best([timed([sys.executable, "-c", FLOOR, model, str(workdir / "floor.safetensors"), str(size)])
-                  for _ in range(args.repeat)])
-    rows.append(("I/O floor", floor, "–"))
+    out = workdir / f"{case.key}-resized.safetensors"
+    stock = None
     if args.sd_scripts and args.stock_python and case.key in args.stock_cases:
-        stock = timed([args.stock_python, "networks/resize_lora.py", "--model", model, *case.args, *COMMON_ARGS,
-                       "--save_to", str(workdir / "stock.safetensors")], cwd=args.sd_scripts)
-        rows.append(("stock resize_lora.py (1 run)", stock, "–"))
-    lines = [
-        f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} | {run.peak_rss_mb:.0f} |"
-        for label, run, core in rows
-    ]
-    if not any(label.startswith("stock") for label, _, _ in rows):
-        lines.append(f"| {case.label} | stock resize_lora.py (recorded, not rerun) | {case.recorded_stock} | – | – | – |")
-    return lines
+        stock = [args.stock_python, "networks/resize_lora.py", "--model", model, *case.args, *COMMON_ARGS,
+                 "--save_to", str(workdir / "stock.safetensors")]
+    return Comparison(
+        case.label, "copylora.resize",
+        lambda backend: [sys.executable, "-m", "copylora.resize", "--model", model, *case.args, *COMMON_ARGS,
+                         "--save_to", str(out), "--backend", backend, "--quiet"],
+        [model], out, "resize_lora.py", stock, args.sd_scripts, case.recorded_stock,
+    )
 
 
 def main() -> int:
     parser = whole_process_parser(__doc__.splitlines()[0], list(CASES),
                                   "cases to run stock on (default: real; the SDXL cases take far longer)")
     args = parser.parse_args()
-    whole_process_table(args, f"`{' '.join(COMMON_ARGS)}`", lambda key, tmp: run_case(CASES[key], args, tmp),
+    whole_process_table(args, f"`{' '.join(COMMON_ARGS)}`",
+                        lambda key, tmp: comparison_rows(comparison(CASES[key], args, tmp), args.repeat, tmp),
                         "resize", "Whole resize process (`bench/bench_resize.py`)")
     return 0
 

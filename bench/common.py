@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,44 @@ def write_section(name: str, heading: str, table: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## {heading}\n\n" + section + "\n"
     README.write_text(text)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One case of a whole-process benchmark: copylora's command per backend beside the floor and stock."""
+
+    label: str
+    tool: str  # "copylora.merge" or "copylora.resize": the row labels
+    command: Callable[[str], list[str]]  # backend -> copylora's command line, writing `output`
+    inputs: list[str]  # the LoRA files copylora reads, which the floor loads too
+    output: Path
+    stock_script: str  # "svd_merge_lora.py" ...: the row label
+    stock_command: list[str] | None  # run in the sd-scripts checkout; None: show `recorded_stock`
+    stock_cwd: Path | None
+    recorded_stock: str  # stock's figure from an earlier run on this machine, and where it is recorded
+
+
+def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
+    """Time both backends and the I/O floor (best of `repeat`) and stock once; one table row each."""
+    rows: list[tuple[str, Run, str]] = []
+    for backend in ("ext", "torch"):
+        run = best([timed(case.command(backend)) for _ in range(repeat)])
+        rows.append((f"{case.tool} --backend {backend}", run, f"{engine_seconds(run.stdout):.3f}"))
+    floor_cmd = [sys.executable, "-c", FLOOR, *case.inputs, str(workdir / "floor.safetensors"),
+                 str(case.output.stat().st_size)]
+    floor = best([timed(floor_cmd) for _ in range(repeat)])
+    rows.append(("I/O floor", floor, "–"))
+    if case.stock_command is not None:
+        rows.append((f"stock {case.stock_script} (1 run)", timed(case.stock_command, cwd=case.stock_cwd), "–"))
+    lines = [
+        f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} "
+        f"| {run.peak_rss_mb:.0f} |"
+        for label, run, core in rows
+    ]
+    if case.stock_command is None:
+        lines.append(f"| {case.label} | stock {case.stock_script} (recorded, not rerun) | {case.recorded_stock} "
+                     "| – | – | – |")
+    return lines
 
 
 def whole_process_parser(description: str, cases: list[str], stock_help: str) -> argparse.ArgumentParser:

@@ -20,13 +20,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Byte-identical copies: kohya's option dumps (one per script) and the module manifests the tests
-# and benchmarks use. The *_conv manifests add only conv modules and nothing reads them.
+# and benchmarks use (the *_conv ones, with LoCon's conv modules, only the benchmarks).
 COPIED = [
     *(f"kohya/{script}_args.json" for script in (
         "svd_merge_lora", "resize_lora", "merge_lora", "sdxl_merge_lora",
         "train_network", "sdxl_train_network", "gen_img", "sdxl_gen_img")),
     "kohya/manifests/sd15.json",
     "kohya/manifests/sdxl.json",
+    "kohya/manifests/sd15_conv.json",
+    "kohya/manifests/sdxl_conv.json",
     # the SDXL subset is small enough to keep whole: its files carry stock's whole-file facts
     # (sshs_* hashes, modelspec.*), which no cut file can
     "golden/sdxl_subset/cases.json",
