@@ -65,10 +65,18 @@ def clamped_entries(module: LoraModule, sqrt_split: bool) -> int:
     Stock layout: they all equal the module's largest value. √S split: the clamp cut stock's
     U·S and Vᵀ and each pair was rescaled after, so they tie within each up column / down row.
     """
-    if not sqrt_split:
+    if not sqrt_split and module.scale == 1.0:
         values = joined_values(module)
         top = values.max()
         ties = int((values == top).sum()) if top > 0 else 0
+        return ties if ties >= MIN_CLAMP_TIES else 0
+    if not sqrt_split:
+        # one alpha shared by all modules: up was saved × rank/alpha, so undone here its clamped
+        # entries equal down's only to within the saved dtype's rounding
+        up, down = module.up.float().reshape(-1) * module.scale, module.down.float().reshape(-1)
+        top = torch.maximum(up.max(), down.max())
+        near = top * (1 - 2 * torch.finfo(module.up.dtype).eps)
+        ties = int((up >= near).sum() + (down >= near).sum()) if top > 0 else 0
         return ties if ties >= MIN_CLAMP_TIES else 0
     up, down = as_factors(module.up, module.down)
     ties = 0
@@ -100,7 +108,7 @@ def infer_sqrt_split(modules: list[LoraModule]) -> bool:
     """True when most modules look √S-split (up-column norm = down-row norm), not stock (unit down rows)."""
     votes = 0
     for module in modules:
-        up, down = as_factors(module.up, module.down)
+        up, down = as_factors(module.up, module.down, module.scale)  # a shared alpha's fold undone
         columns, rows = up.norm(dim=0), down.norm(dim=1)
         live = (columns > 0) & (rows > 0)
         if not live.any():
@@ -179,14 +187,15 @@ def inspect_lora(
     fidelity = []
     for job, module in zip(jobs, modules):
         result = merged[job.name]
-        cast = (result.up.to(module.up.dtype), result.down.to(module.down.dtype))
+        # saved as the merge saves: a shared alpha's rank/alpha folded into up before the cast
+        cast = ((result.up / module.scale).to(module.up.dtype), result.down.to(module.down.dtype))
         fidelity.append(
             measure_module(
                 job.name,
                 stacked_factors(job),
                 job.rank,
                 as_factors(result.up, result.down),  # the merge's factors carry the delta at alpha = rank
-                as_factors(*cast),
+                as_factors(*cast, module.scale),
                 as_factors(module.up, module.down, module.scale),
             )
         )

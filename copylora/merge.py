@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic_param", type=float, default=None,
                         help="target of --dynamic_method: sv_ratio: largest/smallest kept value (>= 1); "
                         "sv_fro: fraction of the Frobenius norm kept; sv_cumulative: fraction of the sum of values kept")
+    parser.add_argument("--per_module_alpha", action="store_true",
+                        help="with --dynamic_method: write alpha = rank per module, as resize_lora.py does; by default "
+                        "one alpha for all modules, each module's factor folded into its up (the same deltas; diffusers "
+                        "loads only such files right)")
     parser.add_argument("--report", action="store_true",
                         help="measure the saved file against the exact delta and print the totals "
                         "(retained energy, clamp and rounding loss) in the last line")
@@ -86,6 +90,7 @@ def request_from_args(args: argparse.Namespace) -> MergeRequest:
         sqrt_split=args.split_sv,
         dynamic_method=args.dynamic_method,
         dynamic_param=args.dynamic_param,
+        per_module_alpha=args.per_module_alpha,
         report=args.report,
     )
 

@@ -2,7 +2,8 @@
 
 Output format follows kohya's networks/svd_merge_lora.py: per module `lora_up.weight`,
 `lora_down.weight` (conv modules 4-D), a 0-dim int64 `alpha` equal to the module's rank, the
-minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`.
+minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`. Dynamic ranks
+(no stock file to match) write one alpha for all modules by default (copylora.uniform_alpha).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from copylora.lora_file import (
     write_lora,
 )
 from copylora.naming import BlockWeights, parse_lbws
+from copylora.uniform_alpha import common_alpha
 
 logger = logging.getLogger("copylora")
 
@@ -76,6 +78,7 @@ class MergeRequest(RankFlags):
     sqrt_split: bool = False  # √S on up and down instead of S on up
     dynamic_method: str | None = None  # resize_lora's sv_ratio / sv_fro / sv_cumulative
     dynamic_param: float | None = None
+    per_module_alpha: bool = False  # dynamic ranks: alpha = rank per module (resize_lora's way), not one alpha
     report: bool = False  # measure the result against the exact delta
 
 
@@ -215,20 +218,32 @@ def plan_modules(
     return planned
 
 
+def shared_alpha(planned: list[PlannedModule], request: MergeRequest) -> int | None:
+    """The one alpha of a dynamic-rank merge (the commonest rank), or None: alpha = rank per module."""
+    if not request.dynamic or request.per_module_alpha:
+        return None
+    return int(common_alpha([p.job.rank for p in planned]))
+
+
 def output_tensors(
-    planned: list[PlannedModule], merged: dict[str, MergedModule], merge_dtype: torch.dtype, save_dtype: torch.dtype
+    planned: list[PlannedModule], merged: dict[str, MergedModule], merge_dtype: torch.dtype, save_dtype: torch.dtype,
+    alpha: int | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The file's tensors: alpha = rank per module, or with `alpha` that for all and rank / alpha
+    folded into each up (kohya applies alpha / rank · up @ down, so every delta stays the same)."""
     tensors: dict[str, torch.Tensor] = {}
     for plan in planned:
         name, rank, result = plan.job.name, plan.job.rank, merged[plan.job.name]
         up, down = result.up, result.down
+        if alpha is not None and alpha != rank:
+            up = up * (rank / alpha)
         if plan.is_conv:
             up = up.reshape(plan.weight_shape[0], rank, 1, 1)
             down = down.reshape(rank, *plan.weight_shape[1:])
         # stock holds the result in the merge dtype, then casts to the save dtype
         tensors[f"{name}.lora_up.weight"] = up.to(merge_dtype).to(save_dtype).contiguous()
         tensors[f"{name}.lora_down.weight"] = down.to(merge_dtype).to(save_dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(rank)
+        tensors[f"{name}.alpha"] = torch.tensor(rank if alpha is None else alpha)
     return tensors
 
 
@@ -310,7 +325,8 @@ def measure_merge(
     measured = []
     for plan in planned:
         name, result = plan.job.name, merged[plan.job.name]
-        saved = as_factors(tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"])  # alpha = rank
+        scale = float(tensors[f"{name}.alpha"]) / plan.job.rank  # 1 unless one alpha is shared
+        saved = as_factors(tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"], scale)
         measured.append(
             measure_module(name, stacked_factors(plan.job), plan.job.rank, as_factors(result.up, result.down), saved, saved)
         )
@@ -350,7 +366,7 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
 
     merge_dtype = PRECISIONS[request.precision]
     save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
-    tensors = output_tensors(planned, result.modules, merge_dtype, save_dtype)
+    tensors = output_tensors(planned, result.modules, merge_dtype, save_dtype, shared_alpha(planned, request))
     fidelity = None
     if request.report:
         total = Summary("total", measure_merge(planned, result.modules, tensors))

@@ -9,9 +9,10 @@ each up by alpha_i / A gives the same deltas and loads right everywhere.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 
-def common_alpha(alphas: list[float]) -> float:
+def common_alpha(alphas: Sequence[float]) -> float:
     """The alpha most modules already have (the largest on a tie), so most ups stay unscaled."""
     counts = Counter(alphas)
     return max(counts, key=lambda alpha: (counts[alpha], alpha))

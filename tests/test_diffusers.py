@@ -1,6 +1,7 @@
-"""A dynamic-rank resize written with --uniform_alpha loads right through diffusers' real kohya
-loader (`lora_state_dict` + `load_lora_into_unet`, what `load_lora_weights` runs): every module's
-applied delta is the file's alpha / rank · up @ down.
+"""Dynamic-rank files written with one alpha — copylora's dynamic merge by default, resize with
+--uniform_alpha — load right through diffusers' real kohya loader (`lora_state_dict` +
+`load_lora_into_unet`, what `load_lora_weights` runs): every module's applied delta is the file's
+alpha / rank · up @ down. (With an alpha per module, diffusers gives every module the commonest.)
 
 diffusers (and peft, which its loader needs) are optional: `pip install diffusers peft`; without
 them this test skips. The U-Net is a tiny randomly initialised SD-layout UNet2DConditionModel, so
@@ -10,12 +11,14 @@ nothing is downloaded; the LoRA covers every attention-block layer kohya's netwo
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from copylora.lora_file import write_lora
+from copylora.merge import main as merge_main
 from copylora.resize import main as resize_main
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (optional: pip install diffusers peft)")
@@ -63,12 +66,23 @@ def applied_deltas(unet: torch.nn.Module, adapter: str) -> dict[str, torch.Tenso
     return deltas
 
 
-def test_uniform_alpha_dynamic_resize_loads_right_in_diffusers(tmp_path):
+DYNAMIC = ["--new_rank", "8", "--dynamic_method", "sv_ratio", "--dynamic_param", "20", "--quiet"]
+
+
+def dynamic_resize(source: Path, out: Path) -> int:
+    return resize_main(["--model", str(source), *DYNAMIC, "--uniform_alpha", "--save_to", str(out)])
+
+
+def dynamic_merge(source: Path, out: Path) -> int:
+    return merge_main(["--models", str(source), "--ratios", "1", *DYNAMIC, "--save_to", str(out)])
+
+
+@pytest.mark.parametrize("write", [dynamic_resize, dynamic_merge], ids=["resize --uniform_alpha", "merge"])
+def test_one_alpha_dynamic_files_load_right_in_diffusers(tmp_path, write):
     unet = tiny_unet()
     source, out = tmp_path / "lora.safetensors", tmp_path / "dynamic.safetensors"
     write_lora(source, kohya_lora(unet, 8), {})
-    assert resize_main(["--model", str(source), "--new_rank", "8", "--dynamic_method", "sv_ratio",
-                        "--dynamic_param", "20", "--uniform_alpha", "--save_to", str(out), "--quiet"]) == 0
+    assert write(source, out) == 0
     resized = load_file(str(out))
     names = [k[: -len(".lora_down.weight")] for k in resized if k.endswith(".lora_down.weight")]
     assert len({resized[f"{n}.lora_down.weight"].shape[0] for n in names}) > 1  # ranks really vary

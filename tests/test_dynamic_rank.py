@@ -129,21 +129,30 @@ def merge(model: Path, out: Path, *extra: str) -> tuple[int, str]:
     return merge_main([*args, "--quiet", *extra])
 
 
+def commonest_rank(ranks: list[int]) -> int:
+    return max(set(ranks), key=lambda r: (ranks.count(r), r))
+
+
+@pytest.mark.parametrize("alpha_layout", ["shared", "per-module"])
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize(("method", "param"), list(EXPECTED), ids=[m for m, _ in EXPECTED])
-def test_merge_writes_the_chosen_ranks(tmp_path, known_model, capsys, method, param, backend):
+def test_merge_writes_the_chosen_ranks(tmp_path, known_model, capsys, method, param, backend, alpha_layout):
     out = tmp_path / "dyn.safetensors"
+    layout_flag = ["--per_module_alpha"] if alpha_layout == "per-module" else []
     code = merge(known_model, out, "--dynamic_method", method, "--dynamic_param", str(param), "--clamp_quantile", "1",
-                 "--backend", backend)
+                 "--backend", backend, *layout_flag)
     assert code == 0
     tensors = load_file(str(out))
     expected = EXPECTED[(method, param)]
+    # by default one alpha, the commonest rank, for every module; else alpha = rank, like stock's fixed rank
+    shared = commonest_rank(list(expected.values())) if alpha_layout == "shared" else None
     for name, rank in expected.items():
         up, down, alpha = (tensors[f"{name}.{k}"] for k in ("lora_up.weight", "lora_down.weight", "alpha"))
         assert up.shape[1] == rank and down.shape[0] == rank, name
-        assert alpha.dtype == torch.int64 and int(alpha) == rank, name  # alpha = rank, like the fixed-rank case
+        assert alpha.dtype == torch.int64 and int(alpha) == (rank if shared is None else shared), name
         if name != ZERO:  # unclamped: exactly the best rank-k approximation of the known spectrum
-            kept = torch.linalg.svdvals(up.double().reshape(up.shape[0], -1) @ down.double().reshape(rank, -1))[:rank]
+            delta = int(alpha) / rank * up.double().reshape(up.shape[0], -1) @ down.double().reshape(rank, -1)
+            kept = torch.linalg.svdvals(delta)[:rank]
             torch.testing.assert_close(kept, torch.tensor(SPECTRA[name][:rank], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     metadata = read_metadata(out)
     assert metadata["ss_network_dim"] == "Dynamic" and metadata["ss_network_alpha"] == "Dynamic"
@@ -215,6 +224,7 @@ def test_new_flags_show_in_help_and_do_not_clash_with_kohya():
     kohya = json.loads(kohya_file("svd_merge_lora_args.json").read_text())
     kohya_flags = {flag for option in kohya["options"] for flag in option["flags"]}
     help_text = build_parser().format_help()
-    for flag in ("--clamp_quantile", "--split_sv", "--dynamic_method", "--dynamic_param", "--report"):
+    for flag in ("--clamp_quantile", "--split_sv", "--dynamic_method", "--dynamic_param", "--per_module_alpha",
+                 "--report"):
         assert flag in help_text and flag not in kohya_flags
     assert kohya_flags <= set(build_parser()._option_string_actions)  # and every kohya flag is still there

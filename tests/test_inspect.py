@@ -135,6 +135,24 @@ def test_cli_reads_the_settings_off_the_file_and_agrees_with_merge_report(tmp_pa
         assert image.width > 300 and image.height > 100
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["stock-split", "sqrt-split"])
+def test_a_dynamic_merge_with_one_alpha_reads_like_any_other(tmp_path, inputs, capsys, split):
+    """A dynamic merge writes one alpha and folds rank/alpha into each up; inspect undoes the fold,
+    so it still reads the clamp and split off the file and gives merge --report's totals."""
+    extra = ["--dynamic_method", "sv_fro", "--dynamic_param", "0.9", *(["--split_sv"] if split else [])]
+    out = merge(inputs, tmp_path / "out.safetensors", *extra)
+    merge_totals = last_line(capsys.readouterr().out).split("; ", 1)[1]
+    saved = load_file(str(out))
+    alphas = {int(v) for k, v in saved.items() if k.endswith(".alpha")}
+    ranks = {v.shape[0] for k, v in saved.items() if k.endswith(".lora_down.weight")}
+    assert len(alphas) == 1 and len(ranks) > 1  # one alpha, so some ups really carry a folded factor
+    assert inspect_main([str(out), "--against", *map(str, inputs), "--ratios", *map(str, RATIOS)]) == 0
+    printed = capsys.readouterr().out
+    assert "clamp_quantile 0.99 (read off the file)" in printed
+    assert ("sqrt(S) split" in printed) == split
+    assert last_line(printed) == merge_totals
+
+
 def test_without_inputs_shows_ranks_per_block(tmp_path, inputs, capsys):
     out = merge(inputs, tmp_path / "out.safetensors")
     capsys.readouterr()
