@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's scripts run without it)
 from copylora import copy_machine_report, preview
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import CopyloraError, run_cli

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli

@@ -11,4 +11,14 @@ from __future__ import annotations
 
 import os
 
+_SET_BY_USER = "OMP_WAIT_POLICY" in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def environment_for_kohya() -> dict[str, str]:
+    """This process's environment without copylora's own default: kohya's scripts (training on a
+    GPU, generating) run with the settings their user gave them, not with the merge's."""
+    env = dict(os.environ)
+    if not _SET_BY_USER:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env

@@ -23,6 +23,7 @@ from copylora.kohya import dataset
 from copylora.errors import CopyloraError
 from copylora.kohya.options import FinalConfig, KohyaOptions, Preset, build_config, dumps_toml
 from copylora.lora_file import LoraFile, read_lora
+from copylora.openmp_wait import environment_for_kohya
 
 LAUNCHER = ["-m", "accelerate.commands.launch"]  # `accelerate launch`, from the same Python
 
@@ -62,7 +63,7 @@ def run_kohya(command: list[str], sd_scripts: Path, script: str) -> float:
     """Run one kohya command in the checkout, its output straight to the terminal; the seconds it took."""
     started = time.monotonic()
     try:
-        code = subprocess.run(command, cwd=sd_scripts).returncode
+        code = subprocess.run(command, cwd=sd_scripts, env=environment_for_kohya()).returncode
     except OSError as exc:
         raise CopyloraError(f"{command[0]}: cannot run it ({exc.strerror})") from exc
     if code != 0:
