@@ -75,12 +75,14 @@ def weight_hashes(
     serialized to hash the bytes that will be written.
     """
     layout = tensors if isinstance(tensors, SerializedTensors) else SerializedTensors.of(tensors)
-    model_hash = hashlib.sha256(layout.data).hexdigest()
+    model_hash = hashlib.sha256()
+    for chunk in layout.chunks:
+        model_hash.update(chunk)
     header = layout.header({k: v for k, v in metadata.items() if k.startswith("ss_")})
     # the window of the whole file, from the header and the data without joining them
     start, end = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH
-    legacy = header[start:end] + layout.data[max(start - len(header), 0) : max(end - len(header), 0)]
-    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+    legacy = header[start:end] + layout.data_window(max(start - len(header), 0), max(end - len(header), 0))
+    return {"sshs_model_hash": model_hash.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
 
 
 def modelspec_metadata(

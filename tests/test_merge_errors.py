@@ -230,3 +230,19 @@ def test_exit_code_and_message_from_a_real_process(tmp_path, pair):
     )
     assert_refused(Result(result.returncode, result.stderr), "gone.safetensors", "no such file")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_is_exact(dtype):
+    """The fast check (a float32 sum) never passes NaN/Inf and never refuses finite values whose sum
+    overflows (bf16 and float32 reach float32's range)."""
+    from copylora.lora_file import is_finite
+
+    big = torch.finfo(dtype).max
+    assert is_finite(torch.full((4, 3), big, dtype=dtype))  # finite, though the sum may overflow
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(4, 3, dtype=dtype)
+        values[2, 1] = bad
+        assert not is_finite(values)
+    inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # sums to NaN, not to a finite value
+    assert not is_finite(inf_pair)

@@ -80,3 +80,28 @@ def test_header_longer_than_the_legacy_offset(tmp_path):
     raw = path.read_bytes()
     legacy = hashlib.sha256(raw[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
     assert weight_hashes(serialized, metadata)["sshs_legacy_hash"] == legacy
+
+
+def test_dtype_order_and_names_are_safetensors_own():
+    """SerializedTensors orders by its own dtype table; safetensors must agree for every dtype in it."""
+    from copylora.lora_file import SAFETENSORS_DTYPES
+
+    values = {f"t{index:02d}_{name}": torch.ones(3, dtype=dtype) for index, (dtype, name) in
+              enumerate(SAFETENSORS_DTYPES.items())}
+    values |= {f"u{index:02d}": torch.ones(2, dtype=dtype) for index, dtype in enumerate(SAFETENSORS_DTYPES)}
+    raw = save(values)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    theirs = json.loads(raw[8:header_end])
+    ours = SerializedTensors.of(values)
+    assert list(ours.entries) == sorted(theirs, key=lambda name: theirs[name]["data_offsets"][0])
+    assert ours.entries == theirs
+    assert b"".join(ours.chunks) == raw[header_end:]
+
+
+def test_a_dtype_outside_the_table_is_laid_out_by_safetensors():
+    values = {"b.weight": torch.ones(3, dtype=torch.complex64), "a.weight": torch.ones(2, dtype=torch.float16)}
+    raw = save(values)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    ours = SerializedTensors.of(values)
+    assert ours.entries == json.loads(raw[8:header_end])
+    assert b"".join(ours.chunks) == raw[header_end:]
