@@ -1,6 +1,7 @@
 // CPU kernel of copylora::merge_group: float32 on ATen. A group is processed in chunks of modules:
-// the fused assembly and the per-module finishing (sign fix, scaling, truncation, clamp) run in
-// parallel across modules with at::parallel_for; QR and SVD are ATen's batched LAPACK calls.
+// the fused assembly, the linear algebra (ATen's batched LAPACK calls on each thread's slice) and
+// the per-module finishing (sign fix, scaling, truncation, clamp) run in parallel across modules
+// with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -205,11 +206,11 @@ int64_t chunk_modules(const GroupShape& g) {
   return std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(per_module, 1), 4, 256);
 }
 
-// Merges modules [begin, end) of the group into their blocks of up, down and singular. The copies
-// before and the per-module passes after the linear algebra run in parallel across modules; the
-// LAPACK calls themselves run outside any parallel region, because MKL's own threading (which
-// ATen's linalg uses) misbehaves when entered from inside an OpenMP team: results drifted and a
-// later threaded MKL call span forever.
+// Merges modules [begin, end) of the group into their blocks of up, down and singular. Everything
+// runs in parallel across modules: the copies, the linear algebra (each thread's LAPACK calls on
+// its own slice, single-threaded: MKL's own threading misbehaves when entered from inside an
+// OpenMP team — results drifted and a later threaded MKL call span forever) and the per-module
+// passes after it.
 void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, const float* scales,
                  at::IntArrayRef ranks, float quantile, bool clamps, bool sqrt_split, int64_t begin,
                  int64_t end, float* up_data, float* down_data, float* singular_data) {
@@ -227,12 +228,22 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
   });
   check_finite(p, q);
   const int64_t kk = g.computed;
-  auto [u, s, vh] = [&] {
+  at::Tensor u = at::empty({count, g.out, kk}, options);
+  at::Tensor s = at::empty({count, g.singular}, options);
+  at::Tensor vh = at::empty({count, kk, g.in}, options);
+  // Each thread decomposes its own slice of the chunk with batched calls, its MKL held to one
+  // thread: the cores all work, and a module's result does not depend on the thread count.
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
     const SingleThreadedMkl same_result_at_any_thread_count;
-    return factored_svd(g, p, q, [](const at::Tensor& cores) {
-      return at::linalg_svd(cores, /*full_matrices=*/false);
-    });  // (count, out, kk), (count, m), (count, kk, in)
-  }();
+    const int64_t n = last - first;
+    auto [u_part, s_part, vh_part] = factored_svd(g, p.narrow(0, first, n), q.narrow(0, first, n),
+                                                  [](const at::Tensor& cores) {
+                                                    return at::linalg_svd(cores, /*full_matrices=*/false);
+                                                  });  // (n, out, kk), (n, m), (n, kk, in)
+    u.narrow(0, first, n).copy_(u_part);
+    s.narrow(0, first, n).copy_(s_part);
+    vh.narrow(0, first, n).copy_(vh_part);
+  });
   std::copy_n(s.const_data_ptr<float>(), count * g.singular, singular_data + begin * g.singular);
   const float* u_data = u.const_data_ptr<float>();
   const float* s_data = s.const_data_ptr<float>();
