@@ -120,11 +120,13 @@ COPYLORA_HOST_DEVICE inline float* clamp_element(float* up, float* down, int64_t
   return down + (e - up_count);
 }
 
-// NaN or Inf in a factor would make LAPACK fail (CPU) or the Jacobi sort garbage (CUDA): refuse it
-// once, with the same message everywhere. P and Q are the assembled float32 factors.
+// NaN or Inf in a factor would make LAPACK fail (CPU) or the Jacobi sort garbage (CUDA): both
+// kernels refuse it, with this message, after assembling P and Q in float32.
+inline constexpr const char* kNonFiniteFactor =
+    "merge_group: a factor contains NaN or Inf (or overflowed float32 when scaled)";
+
 inline void check_finite(const at::Tensor& p, const at::Tensor& q) {
-  TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(),
-              "merge_group: a factor contains NaN or Inf (or overflowed float32 when scaled)");
+  TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
 }
 
 // W's thin SVD for a batch of modules from their stacked factors P (B, out, R) and Q (B, R, in):

@@ -12,6 +12,9 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -22,6 +25,18 @@
 
 namespace copylora {
 namespace {
+
+// No NaN or Inf among n floats: an exponent of all ones marks both. Integer tests, so the loop
+// vectorises without fast-math.
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
 
 // P[b] = [s_1 U_1 ... s_n U_n] (out x R) and Q[b] = [D_1; ...; D_n] (R x in), float32, written in
 // place through views of the batched buffers: ATen's vectorised copy does the dtype cast (fp16
@@ -220,38 +235,39 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
   at::Tensor q = at::empty({count, g.total_rank, g.in}, options);
   float* p_data = p.data_ptr<float>();
   float* q_data = q.data_ptr<float>();
+  std::atomic<bool> finite{true};
   at::parallel_for(begin, end, 1, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
-      assemble_module(g, ups, downs, scales, b, p_data + (b - begin) * g.out * g.total_rank,
-                      q_data + (b - begin) * g.total_rank * g.in);
+      float* p_b = p_data + (b - begin) * g.out * g.total_rank;
+      float* q_b = q_data + (b - begin) * g.total_rank * g.in;
+      assemble_module(g, ups, downs, scales, b, p_b, q_b);
+      if (!all_finite(p_b, g.out * g.total_rank) || !all_finite(q_b, g.total_rank * g.in)) {
+        finite = false;
+      }
     }
   });
-  check_finite(p, q);
+  TORCH_CHECK(finite.load(), kNonFiniteFactor);
   const int64_t kk = g.computed;
-  at::Tensor u = at::empty({count, g.out, kk}, options);
-  at::Tensor s = at::empty({count, g.singular}, options);
-  at::Tensor vh = at::empty({count, kk, g.in}, options);
   // Each thread decomposes its own slice of the chunk with batched calls, its MKL held to one
-  // thread: the cores all work, and a module's result does not depend on the thread count.
+  // thread (the cores all work, and a module's result does not depend on the thread count),
+  // then writes, sign-fixes and clamps that slice's modules.
   at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
-    const SingleThreadedMkl same_result_at_any_thread_count;
     const int64_t n = last - first;
-    auto [u_part, s_part, vh_part] = factored_svd(g, p.narrow(0, first, n), q.narrow(0, first, n),
-                                                  [](const at::Tensor& cores) {
-                                                    return at::linalg_svd(cores, /*full_matrices=*/false);
-                                                  });  // (n, out, kk), (n, m), (n, kk, in)
-    u.narrow(0, first, n).copy_(u_part);
-    s.narrow(0, first, n).copy_(s_part);
-    vh.narrow(0, first, n).copy_(vh_part);
-  });
-  std::copy_n(s.const_data_ptr<float>(), count * g.singular, singular_data + begin * g.singular);
-  const float* u_data = u.const_data_ptr<float>();
-  const float* s_data = s.const_data_ptr<float>();
-  const float* vh_data = vh.const_data_ptr<float>();
-  at::parallel_for(begin, end, 1, [&](int64_t first, int64_t last) {
+    at::Tensor u, s, vh;  // (n, out, kk), (n, m), (n, kk, in)
+    {
+      const SingleThreadedMkl same_result_at_any_thread_count;
+      std::tie(u, s, vh) = factored_svd(g, p.narrow(0, first, n), q.narrow(0, first, n),
+                                        [](const at::Tensor& cores) {
+                                          return at::linalg_svd(cores, /*full_matrices=*/false);
+                                        });
+    }
+    const float* u_data = u.const_data_ptr<float>();
+    const float* s_data = s.const_data_ptr<float>();
+    const float* vh_data = vh.const_data_ptr<float>();
+    std::copy_n(s_data, n * g.singular, singular_data + (begin + first) * g.singular);
     std::vector<float> buffer;
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t i = b - begin;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = begin + first + i;
       float* up_b = up_data + b * g.out * g.max_rank;
       float* down_b = down_data + b * g.max_rank * g.in;
       // The output is allocated uninitialised and zeroed here, by the thread that fills it.
