@@ -24,13 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import Comparison, REAL_PAIR, comparison_rows, manifest_pair, whole_process_parser, whole_process_table
+from common import Comparison, REAL_PAIR, manifest_pair, run_whole_process
 
 MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--new_conv_rank", "8", "--device", "cpu",
               "--save_precision", "fp16"]
-# stock's times on this machine as ../shared/README.md records them (not rerun here)
+# stock's times on this machine from earlier runs (shown when it is not rerun)
 RECORDED_STOCK = {"sdxl": "≈ 13 min, 13 GB RAM (../shared/README.md)", "locon": "≈ 8 min (../shared/README.md)",
-                  "real": "≈ 3.5 min (../shared/README.md)"}
+                  "real": "148 s (2026-11-26, bench/README.md)"}
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,10 @@ def comparison(case: Case, args: argparse.Namespace, workdir: Path) -> Compariso
 
 
 def main() -> int:
-    parser = whole_process_parser(__doc__.splitlines()[0], list(CASES),
-                                  "cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)")
-    args = parser.parse_args()
-    whole_process_table(args, f"B − A, `{' '.join(MERGE_ARGS)}`",
-                        lambda key, tmp: comparison_rows(comparison(CASES[key], args, tmp), args.repeat, tmp),
-                        "merge", "Whole merge process (`bench/bench_merge.py`)")
+    run_whole_process(__doc__.splitlines()[0], list(CASES),
+                      "cases to run stock on (default: real; sdxl takes ~13 min and 13 GB)",
+                      f"B − A, `{' '.join(MERGE_ARGS)}`", lambda key, args, workdir: comparison(CASES[key], args, workdir),
+                      "merge", "Whole merge process (`bench/bench_merge.py`)")
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import Comparison, REAL_PAIR, comparison_rows, manifest_pair, whole_process_parser, whole_process_table
+from common import Comparison, REAL_PAIR, manifest_pair, run_whole_process
 
 COMMON_ARGS = ["--save_precision", "fp16", "--device", "cpu"]
 SDXL_DIM = 32
@@ -36,12 +36,12 @@ class Case:
     label: str
     synthetic: bool  # the SDXL LoRA synthesised from kohya's manifest; else the real SD1.5 A
     args: tuple[str, ...]
-    recorded_stock: str  # stock once on this machine, niced under load from other work (bench/README.md)
+    recorded_stock: str  # stock's figure from an earlier run on this machine (shown when it is not rerun)
 
 
 CASES = {
     "real": Case("real", "real SD1.5 LoRA (264 modules), dim 8 → 4", False, ("--new_rank", "4"),
-                 "388 s (issue 10, under load)"),
+                 "125 s (2026-11-26, quiet)"),
     "sdxl": Case("sdxl", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → 8", True, ("--new_rank", "8"),
                  "17:53, 7.98 GB peak (2026-11-26, load ≈ 8)"),
     "sdxl-dynamic": Case(
@@ -75,12 +75,10 @@ def comparison(case: Case, args: argparse.Namespace, workdir: Path) -> Compariso
 
 
 def main() -> int:
-    parser = whole_process_parser(__doc__.splitlines()[0], list(CASES),
-                                  "cases to run stock on (default: real; the SDXL cases take far longer)")
-    args = parser.parse_args()
-    whole_process_table(args, f"`{' '.join(COMMON_ARGS)}`",
-                        lambda key, tmp: comparison_rows(comparison(CASES[key], args, tmp), args.repeat, tmp),
-                        "resize", "Whole resize process (`bench/bench_resize.py`)")
+    run_whole_process(__doc__.splitlines()[0], list(CASES),
+                      "cases to run stock on (default: real; the SDXL cases take far longer)",
+                      f"`{' '.join(COMMON_ARGS)}`", lambda key, args, workdir: comparison(CASES[key], args, workdir),
+                      "resize", "Whole resize process (`bench/bench_resize.py`)")
     return 0
 
 

@@ -149,8 +149,18 @@ def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
     return lines
 
 
-def whole_process_parser(description: str, cases: list[str], stock_help: str) -> argparse.ArgumentParser:
-    """The options every whole-process benchmark takes: cases, repeats, stock's checkout, --write."""
+def run_whole_process(
+    description: str,
+    cases: list[str],
+    stock_help: str,
+    intro: str,
+    comparison: Callable[[str, argparse.Namespace, Path], Comparison],
+    section: str,
+    heading: str,
+) -> None:
+    """A whole-process benchmark's command line: parse the options every such benchmark takes, run each
+    case (comparison(key, args, workdir)) in one temp folder, print the table and, with --write, put it
+    in bench/README.md."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cases", nargs="+", choices=cases, default=cases)
     parser.add_argument("--repeat", type=int, default=3)
@@ -158,13 +168,7 @@ def whole_process_parser(description: str, cases: list[str], stock_help: str) ->
     parser.add_argument("--stock-python", type=str, help="the Python that can run sd-scripts")
     parser.add_argument("--stock-cases", nargs="+", choices=cases, default=["real"], help=stock_help)
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
-    return parser
-
-
-def whole_process_table(
-    args: argparse.Namespace, intro: str, run_case: Callable[[str, Path], list[str]], section: str, heading: str
-) -> None:
-    """Run every case in one temp folder, print the table and, with --write, put it in bench/README.md."""
+    args = parser.parse_args()
     lines = [
         f"{intro}, best of {args.repeat} fresh processes. Machine: {machine()}. Measured {datetime.date.today()}.",
         "",
@@ -173,7 +177,7 @@ def whole_process_table(
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.cases:
-            lines += run_case(key, Path(tmp))
+            lines += comparison_rows(comparison(key, args, Path(tmp)), args.repeat, Path(tmp))
     table = "\n".join(lines)
     print(table)
     if args.write:
