@@ -4,8 +4,8 @@ Each command runs in a fresh process (wall time and peak RSS from wait4), best o
 - copylora.merge with each backend (the engine's own time is read from its last line);
 - the I/O floor: import torch, load the inputs, write a file of the output's size;
 - stock sd-scripts' svd_merge_lora.py when --sd-scripts and --stock-python are given (for the
-  cases in --stock-cases; SDXL takes ~13 min and 13 GB), else stock's figures as recorded in
-  ../shared/README.md, marked as such.
+  cases in --stock-cases; SDXL takes ~13 min and 13 GB), else stock's figures from earlier runs
+  on this machine (RECORDED_STOCK), marked as such.
 
 Cases: `real` = the shared real SD1.5 pair (264 modules); `sdxl` = a synthetic SDXL pair with all
 986 modules of kohya's manifest (dim 8, fp16); `locon` = a synthetic SD1.5 LoCon pair (350
