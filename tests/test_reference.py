@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from copylora.engine.jobs import ModuleJob, SvdOptions
 from copylora.engine.quantile import linear_quantile
 from copylora.engine.reference import dense_stock_merge, fix_signs, merge_module, stacked_factors, thin_svd
+from tests.backend_compare import EPS, perturbation
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,10 +41,12 @@ def dense_delta(job: ModuleJob) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(jobs())
 def test_factored_svd_reconstructs_the_dense_delta(job):
-    """Before truncation and clamp, U·S·Vh from the factors is W (within float32 rounding)."""
+    """Before truncation and clamp, U·S·Vh from the factors is W within float32 rounding: of the
+    factors, which for cancelling inputs is far more than eps·‖W‖ (tests/backend_compare.py), and of
+    W itself."""
     u, s, vh = thin_svd(*stacked_factors(job))
     w = dense_delta(job)
-    assert relative((u * s) @ vh, w) <= 1e-5
+    assert float(((u * s) @ vh - w).norm()) <= perturbation(job) + EPS * float(w.norm())
     assert s.shape[0] == job.num_singular_values
     assert torch.all(s[:-1] >= s[1:])
 
