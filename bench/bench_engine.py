@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from copylora.engine import merge_jobs, reference  # noqa: E402
 from copylora.engine.jobs import ModuleJob, SvdOptions  # noqa: E402
-from common import MANIFEST_DIRS  # noqa: E402
+from common import manifest_modules  # noqa: E402
 
 README = HERE / "README.md"
 START, END = "<!-- engine:start -->", "<!-- engine:end -->"
@@ -40,10 +40,8 @@ START, END = "<!-- engine:start -->", "<!-- engine:end -->"
 def manifest_jobs(variant: str, input_ranks: list[int], new_rank: int, seed: int = 0) -> list[ModuleJob]:
     """One job per manifest module: len(input_ranks) random fp16 LoRAs with alternating ratios ±1."""
     gen = torch.Generator().manual_seed(seed)
-    manifest = next(d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file())
-    modules = json.loads(manifest.read_text())["modules"]
     jobs = []
-    for module in modules:
+    for module in manifest_modules(variant):
         out, in_flat = module["up"][0], math.prod(module["down"][1:])
         ups = [(torch.randn(out, r, generator=gen) * 0.01).half() for r in input_ranks]
         downs = [(torch.randn(r, in_flat, generator=gen) * 0.05).half() for r in input_ranks]

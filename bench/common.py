@@ -74,18 +74,22 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def manifest_modules(variant: str) -> list[dict]:
+    """The modules of kohya's `variant` manifest (sd15, sdxl, sd15_conv, sdxl_conv), in kohya's order."""
+    path = next((d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file()), None)
+    if path is None:
+        raise SystemExit(f"no manifest {variant}.json in {' or '.join(map(str, MANIFEST_DIRS))}")
+    return json.loads(path.read_text())["modules"]
+
+
 def manifest_pair(variant: str, folder: Path, dim: int = 8) -> tuple[Path, Path]:
     """B.safetensors and A.safetensors with every module of kohya's `variant` manifest (random fp16)."""
     from copylora.lora_file import write_lora
     from copylora.synthetic import ModuleShape, random_lora, training_metadata
 
-    manifest = next((d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file()), None)
-    if manifest is None:
-        raise SystemExit(f"no manifest {variant}.json in {' or '.join(map(str, MANIFEST_DIRS))}")
-    modules = json.loads(manifest.read_text())["modules"]
     layout = [
         ModuleShape(m["name"], m["up"][0], m["down"][1], tuple(m["down"][2:]) if len(m["down"]) == 4 else None)
-        for m in modules
+        for m in manifest_modules(variant)
     ]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -38,7 +38,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # the in-place build and the tests package
 
 import copylora.openmp_wait  # noqa: E402,F401  (this process and its children: before torch)
-from common import MANIFEST_DIRS, manifest_pair  # noqa: E402
+from common import manifest_modules, manifest_pair  # noqa: E402
 
 SANITIZED = """
 import torch
@@ -57,13 +57,6 @@ torch.cuda.synchronize()
 
 # ---------------------------------------------------------------------------------------------
 # Steps run in child processes: each prints one JSON object per table row on its last lines.
-
-
-def manifest_modules(variant: str) -> list[dict]:
-    path = next((d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file()), None)
-    if path is None:
-        raise SystemExit(f"no manifest {variant}.json in {' or '.join(map(str, MANIFEST_DIRS))}")
-    return json.loads(path.read_text())["modules"]
 
 
 def cancelling_jobs(variant: str, input_rank: int, dtype, every: int, seed: int = 0) -> list:
