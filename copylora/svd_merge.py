@@ -35,7 +35,7 @@ from copylora.lora_file import (
     write_lora,
 )
 from copylora.naming import BlockWeights, parse_lbws
-from copylora.uniform_alpha import common_alpha
+from copylora.uniform_alpha import common_alpha, folded_up
 
 logger = logging.getLogger("copylora")
 
@@ -235,8 +235,8 @@ def output_tensors(
     for plan in planned:
         name, rank, result = plan.job.name, plan.job.rank, merged[plan.job.name]
         up, down = result.up, result.down
-        if alpha is not None and alpha != rank:
-            up = up * (rank / alpha)
+        if alpha is not None:
+            up = folded_up(up, rank, alpha)  # this module's own alpha is its rank
         if plan.is_conv:
             up = up.reshape(plan.weight_shape[0], rank, 1, 1)
             down = down.reshape(rank, *plan.weight_shape[1:])

@@ -31,7 +31,7 @@ from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.errors import CopyloraError
 from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, SerializedTensors, read_lora, write_lora
 from copylora.svd_merge import DYNAMIC, PRECISIONS, PlannedModule, RankFlags, apply_ranks, validate_device, validate_output
-from copylora.uniform_alpha import common_alpha
+from copylora.uniform_alpha import common_alpha, folded_up
 
 logger = logging.getLogger("copylora")
 
@@ -172,7 +172,7 @@ def output_tensors(
         module, result, rank = lora.modules[info.name], merged[info.name], info.rank
         up, down, alpha = result.up, result.down, info.alpha
         if shared_alpha is not None:
-            up, alpha = up * (info.alpha / shared_alpha), shared_alpha
+            up, alpha = folded_up(up, info.alpha, shared_alpha), shared_alpha
         if plan.is_conv:
             up = up.reshape(plan.weight_shape[0], rank, 1, 1)
             down = down.reshape(rank, *plan.weight_shape[1:])
