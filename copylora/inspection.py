@@ -65,17 +65,12 @@ def clamped_entries(module: LoraModule, sqrt_split: bool) -> int:
     Stock layout: they all equal the module's largest value. √S split: the clamp cut stock's
     U·S and Vᵀ and each pair was rescaled after, so they tie within each up column / down row.
     """
-    if not sqrt_split and module.scale == 1.0:
-        values = joined_values(module)
-        top = values.max()
-        ties = int((values == top).sum()) if top > 0 else 0
-        return ties if ties >= MIN_CLAMP_TIES else 0
     if not sqrt_split:
-        # one alpha shared by all modules: up was saved × rank/alpha, so undone here its clamped
-        # entries equal down's only to within the saved dtype's rounding
         up, down = module.up.float().reshape(-1) * module.scale, module.down.float().reshape(-1)
         top = torch.maximum(up.max(), down.max())
-        near = top * (1 - 2 * torch.finfo(module.up.dtype).eps)
+        # With one alpha shared by all modules, up was saved × rank/alpha: undone here, its clamped
+        # entries equal down's only to within the saved dtype's rounding. Otherwise they tie exactly.
+        near = top if module.scale == 1.0 else top * (1 - 2 * torch.finfo(module.up.dtype).eps)
         ties = int((up >= near).sum() + (down >= near).sum()) if top > 0 else 0
         return ties if ties >= MIN_CLAMP_TIES else 0
     up, down = as_factors(module.up, module.down)
