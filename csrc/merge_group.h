@@ -125,10 +125,6 @@ COPYLORA_HOST_DEVICE inline float* clamp_element(float* up, float* down, int64_t
 inline constexpr const char* kNonFiniteFactor =
     "merge_group: a factor contains NaN or Inf (or overflowed float32 when scaled)";
 
-inline void check_finite(const at::Tensor& p, const at::Tensor& q) {
-  TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
-}
-
 // W's thin SVD for a batch of modules from their stacked factors P (B, out, R) and Q (B, R, in):
 // U (B, out, kk), S (B, m), Vh (B, kk, in), all contiguous. Dense when R >= min(out, in), where W
 // is no bigger than the factors; otherwise W = Qp (Rp Rq^T) Qq^T, so the SVD of the small R x R

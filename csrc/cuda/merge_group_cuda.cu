@@ -451,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   at::Tensor p = at::empty({g.modules, g.out, g.total_rank}, options);
   at::Tensor q = at::empty({g.modules, g.total_rank, g.in}, options);
   assemble(g, ups, downs, scales.contiguous(), p, q);
-  check_finite(p, q);
+  TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
 
   const int64_t kk = g.computed;
   auto [u, s, vh] = factored_svd(g, p, q, core_svd);  // (B, out, kk), (B, m), (B, kk, in)
