@@ -6,11 +6,12 @@ compute-sanitizer but no package index and no network. From the repository root:
     python bench/gpu_check.py                      # on the GPU (builds _C with CUDA first)
     python bench/gpu_check.py --device cpu --quick # dry run on the CPU kernel (what CI runs)
     python bench/gpu_check.py --sd-scripts DIR --stock-python PY   # also time stock --device cuda
+    python bench/gpu_check.py --log DIR            # also keep every step's whole output in DIR
 
 Steps (each a fresh process, so the freshly built extension is the one loaded):
 1. build  — `setup.py build_ext --inplace` for this GPU's architecture with CUDA required
    (COPYLORA_BUILD_EXT=cuda: a failed CUDA build fails, never falls back; skipped on cpu);
-2. tests  — tests/test_cuda.py (its golden cases need ../shared or the vendored tests/data);
+2. tests  — tests/test_cuda.py and test_torch_backend_cuda.py (golden cases: the vendored tests/data);
 3. accuracy — every module of kohya's SD1.5 (264) and SDXL (986) manifests, cancelling B − A
    pairs with all-zero modules among them, R = 16, 64, 256, fp16/bf16/fp32: the unclamped
    kept product against float64 within tests/backend_compare's bound (8 eps·‖P‖_F‖Q‖_F,
@@ -186,13 +187,20 @@ def child(step: str, device: str, quick: bool) -> None:
 # The orchestration: steps as subprocesses, one table at the end.
 
 
-def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = REPO) -> tuple[int, str, float]:
+LOG_FOLDER: Path | None = None  # --log: where each step's whole output is kept (one call on a GPU is all there is)
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = REPO,
+        log_as: str = "step") -> tuple[int, str, float]:
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
-        output, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout:.0f} s", 124
+        said = [part.decode(errors="replace") if isinstance(part, bytes) else part or "" for part in (exc.stdout, exc.stderr)]
+        output, code = f"{''.join(said)}\ntimed out after {timeout:.0f} s", 124
+    if LOG_FOLDER is not None:
+        (LOG_FOLDER / f"{log_as}.log").write_text(f"$ {' '.join(map(str, cmd))}\nexit {code}\n{output}")
     return code, output, time.perf_counter() - start
 
 
@@ -209,25 +217,28 @@ def build(args: argparse.Namespace) -> dict:
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "COPYLORA_BUILD_EXT": "cuda", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
            "MAX_JOBS": str(os.cpu_count() or 4)}
-    code, output, seconds = run([sys.executable, "setup.py", "build_ext", "--inplace"], 300, env)
+    code, output, seconds = run([sys.executable, "setup.py", "build_ext", "--inplace"], 300, env, log_as="build")
     if code != 0:
         return {"check": "build", "ok": False, "detail": f"setup.py build_ext failed: {last_line(output)}"}
     probe = "from copylora.engine import ops; s = ops.load_status(); print(s.cuda, s.error)"
-    code, output, _ = run([sys.executable, "-c", probe], 120)
+    code, output, _ = run([sys.executable, "-c", probe], 120, log_as="probe")
     ok = code == 0 and output.strip().startswith("True")
     return {"check": "build", "ok": ok, "detail": f"{seconds:.0f} s for sm_{major}{minor}; CUDA kernels: {last_line(output)}"}
 
 
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_torch_backend_cuda.py"]  # the kernel; the torch backend on the GPU
+
+
 def tests(args: argparse.Namespace) -> dict:
     env = {**os.environ, "COPYLORA_REQUIRE_EXT": "1"}
-    code, output, seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
-                                240, env)
-    return {"check": "tests/test_cuda.py", "ok": code == 0, "detail": f"{last_line(output)} ({seconds:.0f} s)"}
+    code, output, seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS],
+                                240, env, log_as="tests")
+    return {"check": " ".join(CUDA_TESTS), "ok": code == 0, "detail": f"{last_line(output)} ({seconds:.0f} s)"}
 
 
 def step_rows(step: str, args: argparse.Namespace, timeout: float) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", step, "--device", args.device] + (["--quick"] if args.quick else [])
-    code, output, _ = run(cmd, timeout)
+    code, output, _ = run(cmd, timeout, log_as=step)
     rows = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     if code != 0:
         rows.append({"check": step, "ok": False, "detail": f"exit {code}: {last_line(output)}"})
@@ -242,7 +253,8 @@ def sanitizers(args: argparse.Namespace) -> list[dict]:
         return [{"check": "compute-sanitizer", "ok": False, "detail": "compute-sanitizer not found on PATH"}]
     rows = []
     for kind in ("memcheck", "racecheck"):
-        code, output, seconds = run([tool, "--tool", kind, "--error-exitcode", "1", sys.executable, "-c", SANITIZED], 120)
+        code, output, seconds = run([tool, "--tool", kind, "--error-exitcode", "1", sys.executable, "-c", SANITIZED], 120,
+                                    log_as=kind)
         summary = next((line for line in output.splitlines() if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line),
                        last_line(output))
         rows.append({"check": f"compute-sanitizer {kind}", "ok": code == 0, "detail": f"{summary.strip()} ({seconds:.0f} s)"})
@@ -263,7 +275,7 @@ def stock(args: argparse.Namespace) -> list[dict]:
             ("copylora.merge --backend torch", [sys.executable, "-m", "copylora.merge", "--backend", "torch"], REPO),
         ):
             out = str(Path(tmp) / f"{label.split()[0]}-{len(rows)}.safetensors")
-            code, output, seconds = run([*cmd, *common, "--save_to", out], 400, cwd=cwd)
+            code, output, seconds = run([*cmd, *common, "--save_to", out], 400, cwd=cwd, log_as=f"whole-{len(rows)}")
             rows.append({"check": f"whole process SD1.5 (264) {label} --device {args.device}", "ok": code == 0,
                          "detail": f"{seconds:.2f} s" if code == 0 else f"exit {code}: {last_line(output)}"})
     return rows
@@ -275,20 +287,33 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a subset of modules and configurations")
     parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts checkout, to time stock svd_merge_lora.py")
     parser.add_argument("--stock-python", help="the Python that runs sd-scripts")
+    parser.add_argument("--log", type=Path, help="a folder to keep each step's whole output in")
     parser.add_argument("--child", choices=["accuracy", "timing"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.device, args.quick)
         return 0
 
+    global LOG_FOLDER
+    if args.log:
+        LOG_FOLDER = args.log
+        LOG_FOLDER.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = [build(args)]
+    rows: list[dict] = []
+
+    def finished(new_rows: list[dict]) -> None:
+        """Each row as its step ends: a call cut short still shows what ran."""
+        for row in new_rows:
+            print(f"{'ok' if row['ok'] else 'FAIL'}: {row['check']}: {row['detail']}", flush=True)
+        rows.extend(new_rows)
+
+    finished([build(args)])
     if rows[0]["ok"]:
-        rows.append(tests(args))
-        rows += step_rows("accuracy", args, 240)
-        rows += sanitizers(args)
-        rows += step_rows("timing", args, 180)
-        rows += stock(args)
+        finished([tests(args)])
+        finished(step_rows("accuracy", args, 240))
+        finished(sanitizers(args))
+        finished(step_rows("timing", args, 180))
+        finished(stock(args))
     width = max(len(r["check"]) for r in rows)
     print(f"\ncopylora GPU check on {args.device}{' (quick)' if args.quick else ''}: {time.perf_counter() - started:.0f} s")
     print(f"| {'check':<{width}} | result | detail |")

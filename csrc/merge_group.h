@@ -128,21 +128,21 @@ inline constexpr const char* kNonFiniteFactor =
 // W's thin SVD for a batch of modules from their stacked factors P (B, out, R) and Q (B, R, in):
 // U (B, out, kk), S (B, m), Vh (B, kk, in), all contiguous. Dense when R >= min(out, in), where W
 // is no bigger than the factors; otherwise W = Qp (Rp Rq^T) Qq^T, so the SVD of the small R x R
-// core gives W's. core_svd is the device's batched thin SVD of the cores.
-template <typename CoreSvd>
+// core gives W's. batched_svd is the device's batched thin SVD (of W when dense, else the cores).
+template <typename BatchedSvd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd(const GroupShape& g, const at::Tensor& p,
-                                                            const at::Tensor& q, CoreSvd core_svd) {
+                                                            const at::Tensor& q, BatchedSvd batched_svd) {
   const int64_t kk = g.computed;
   at::Tensor u, s, vh;
   if (g.dense) {
-    auto [u_w, s_w, vh_w] = at::linalg_svd(at::bmm(p, q), /*full_matrices=*/false);
+    auto [u_w, s_w, vh_w] = batched_svd(at::bmm(p, q));
     u = u_w.narrow(2, 0, kk);
     s = s_w.narrow(1, 0, g.singular);
     vh = vh_w.narrow(1, 0, kk);
   } else {
     auto [q_p, r_p] = at::linalg_qr(p);
     auto [q_q, r_q] = at::linalg_qr(q.transpose(1, 2));
-    auto [u_c, s_c, vh_c] = core_svd(at::bmm(r_p, r_q.transpose(1, 2)).contiguous());
+    auto [u_c, s_c, vh_c] = batched_svd(at::bmm(r_p, r_q.transpose(1, 2)).contiguous());
     u = at::bmm(q_p, u_c.narrow(2, 0, kk));
     s = s_c;
     vh = at::bmm(vh_c.narrow(1, 0, kk), q_q.transpose(1, 2));

@@ -257,8 +257,8 @@ void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, 
     {
       const SingleThreadedMkl same_result_at_any_thread_count;
       std::tie(u, s, vh) = factored_svd(g, p.narrow(0, first, n), q.narrow(0, first, n),
-                                        [](const at::Tensor& cores) {
-                                          return at::linalg_svd(cores, /*full_matrices=*/false);
+                                        [](const at::Tensor& matrices) {
+                                          return at::linalg_svd(matrices, /*full_matrices=*/false);
                                         });
     }
     const float* u_data = u.const_data_ptr<float>();

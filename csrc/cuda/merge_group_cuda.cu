@@ -139,8 +139,10 @@ __global__ void jacobi_svd_kernel(const float* __restrict__ cores, int64_t size,
   extern __shared__ float shared[];
   float* a = shared;               // column j at a + j * size
   float* v = a + size * size;      // column j at v + j * size
-  float* norms = v + size * size;  // size
-  int* position = reinterpret_cast<int*>(norms + size);
+  float* norms = v + size * size;  // size: singular values
+  float* a_norms = norms + size;   // size
+  float* v_norms = a_norms + size;  // size
+  int* position = reinterpret_cast<int*>(v_norms + size);
   __shared__ int rotated;
 
   const int64_t b = blockIdx.x;
@@ -211,13 +213,19 @@ __global__ void jacobi_svd_kernel(const float* __restrict__ cores, int64_t size,
     atomicAdd(unconverged, 1);
   }
 
-  // Singular values are the column norms; sort them descending (first index on ties).
+  // Where t is tiny, c rounds to exactly 1 while s = t: that rotation is sqrt(1 + t^2) times an
+  // orthogonal one, so the columns of A and V grow together (S came out 1e-5 too large at R = 128
+  // on an H200). A = core V holds throughout, so sigma_j = |a_j| / |v_j| and v_j / |v_j| undo it.
+  // Sort descending (first index on ties).
   for (int64_t j = threadIdx.x; j < size; j += blockDim.x) {
-    float sum = 0.0f;
+    float a_sum = 0.0f, v_sum = 0.0f;
     for (int64_t row = 0; row < size; ++row) {
-      sum += a[j * size + row] * a[j * size + row];
+      a_sum += a[j * size + row] * a[j * size + row];
+      v_sum += v[j * size + row] * v[j * size + row];
     }
-    norms[j] = sqrtf(sum);
+    a_norms[j] = sqrtf(a_sum);
+    v_norms[j] = sqrtf(v_sum);
+    norms[j] = a_norms[j] / v_norms[j];
   }
   __syncthreads();
   for (int64_t j = threadIdx.x; j < size; j += blockDim.x) {
@@ -232,36 +240,43 @@ __global__ void jacobi_svd_kernel(const float* __restrict__ cores, int64_t size,
   for (int64_t e = threadIdx.x; e < size * size; e += blockDim.x) {
     const int64_t j = e / size, row = e % size;
     const int64_t to = position[j];
-    const float inverse = norms[j] > 0.0f ? 1.0f / norms[j] : 0.0f;
-    u_out[(b * size + row) * size + to] = a[j * size + row] * inverse;  // U[:, to] = a_j / sigma_j
-    vh_out[(b * size + to) * size + row] = v[j * size + row];           // Vh[to, :] = v_j
+    const float inverse = a_norms[j] > 0.0f ? 1.0f / a_norms[j] : 0.0f;
+    u_out[(b * size + row) * size + to] = a[j * size + row] * inverse;          // U[:, to] = a_j / |a_j|
+    vh_out[(b * size + to) * size + row] = v[j * size + row] / v_norms[j];  // Vh[to, :] = v_j / |v_j|
   }
 }
 
 size_t jacobi_shared_bytes(int64_t size) {
-  return static_cast<size_t>(2 * size * size + size) * sizeof(float) + static_cast<size_t>(size) * sizeof(int);
+  return static_cast<size_t>(2 * size * size + 3 * size) * sizeof(float) + static_cast<size_t>(size) * sizeof(int);
 }
 
-// U (B, R, R), S (B, R) descending, Vh (B, R, R) of contiguous cores (B, R, R). Cores too big
-// for one block's shared memory go to ATen's batched SVD instead. Warns when a core's Jacobi
-// iteration did not converge within kMaxSweeps.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> core_svd(const at::Tensor& cores) {
-  const int64_t modules = cores.size(0), size = cores.size(1);
+// cuSOLVER's float32 SVD left singular values 1e-5 too large (relative) at R = 256 on an H200,
+// beyond float32 rounding of W: the matrices it gets are small, so it runs in float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> float64_svd(const at::Tensor& matrices) {
+  auto [u, s, vh] = at::linalg_svd(matrices.to(at::kDouble), /*full_matrices=*/false);
+  return {u.to(at::kFloat), s.to(at::kFloat), vh.to(at::kFloat)};
+}
+
+// Thin U, S descending, Vh of contiguous float32 matrices (B, rows, cols): square ones that fit one
+// block's shared memory by the Jacobi kernel, others by cuSOLVER in float64. Warns when a core's
+// Jacobi iteration did not converge within kMaxSweeps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_svd(const at::Tensor& matrices) {
+  const int64_t modules = matrices.size(0), size = matrices.size(1);
   const size_t bytes = jacobi_shared_bytes(size);
   const cudaDeviceProp* properties = at::cuda::getCurrentDeviceProperties();
-  if (bytes > properties->sharedMemPerBlockOptin) {
-    return at::linalg_svd(cores, /*full_matrices=*/false);
+  if (matrices.size(2) != size || bytes > properties->sharedMemPerBlockOptin) {
+    return float64_svd(matrices);
   }
   if (bytes > properties->sharedMemPerBlock) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_svd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
-  at::Tensor u = at::empty_like(cores);
-  at::Tensor s = at::empty({modules, size}, cores.options());
-  at::Tensor vh = at::empty_like(cores);
-  at::Tensor unconverged = at::zeros({1}, cores.options().dtype(at::kInt));
+  at::Tensor u = at::empty_like(matrices);
+  at::Tensor s = at::empty({modules, size}, matrices.options());
+  at::Tensor vh = at::empty_like(matrices);
+  at::Tensor unconverged = at::zeros({1}, matrices.options().dtype(at::kInt));
   jacobi_svd_kernel<<<static_cast<unsigned>(modules), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-      cores.const_data_ptr<float>(), size, u.data_ptr<float>(), s.data_ptr<float>(), vh.data_ptr<float>(),
+      matrices.const_data_ptr<float>(), size, u.data_ptr<float>(), s.data_ptr<float>(), vh.data_ptr<float>(),
       unconverged.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int failed = unconverged.item<int>();
@@ -454,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
 
   const int64_t kk = g.computed;
-  auto [u, s, vh] = factored_svd(g, p, q, core_svd);  // (B, out, kk), (B, m), (B, kk, in)
+  auto [u, s, vh] = factored_svd(g, p, q, batched_svd);  // (B, out, kk), (B, m), (B, kk, in)
   singular.copy_(s);
 
   const at::Tensor device_ranks = at::tensor(ranks, at::TensorOptions().dtype(at::kLong)).to(scales.device());
