@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from copylora import __version__
-from copylora.engine import CUDA_KERNEL_VERIFIED, UNVERIFIED_CUDA, ops
+from copylora.engine import ops
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.extension_build import KERNEL_LABELS, BuildRecord
@@ -34,8 +34,6 @@ def auto_choice(status: ops.ExtensionStatus, device: str) -> str:
         return f"torch (copylora._C: {status.error})"
     if device == "cuda" and not status.cuda:
         return "torch (copylora._C was built without CUDA kernels)"
-    if device == "cuda" and not CUDA_KERNEL_VERIFIED:
-        return f"torch ({UNVERIFIED_CUDA}; --backend ext runs it)"
     return f"ext (C++ {'CUDA' if device == 'cuda' else 'CPU'})"
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from copylora import doctor, engine
-from copylora.engine import UNVERIFIED_CUDA, merge_jobs, ops, reference, resolve_backend
+from copylora.engine import merge_jobs, ops, reference, resolve_backend
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.lora_file import read_lora
 from tests.backend_compare import assert_backend_matches
@@ -202,18 +202,17 @@ def test_doctor_says_which_backend(capsys):
     cpu_only = ops.ExtensionStatus(available=True, cpu=True)
     assert doctor.auto_choice(cpu_only, "cuda") == "torch (copylora._C was built without CUDA kernels)"
     with_cuda = ops.ExtensionStatus(available=True, cpu=True, cuda=True)
-    assert doctor.auto_choice(with_cuda, "cuda").startswith("torch (copylora._C's CUDA kernel has not been verified")
+    assert doctor.auto_choice(with_cuda, "cuda") == "ext (C++ CUDA)"
 
 
-def test_auto_avoids_the_unverified_cuda_kernel(monkeypatch, caplog):
-    """Until the CUDA kernel has passed on hardware, auto runs torch on CUDA; ext runs it with a note."""
+def test_auto_runs_the_cuda_kernel_where_it_was_built(monkeypatch, caplog):
+    """The CUDA kernel passed bench/gpu_check.py on an H200: auto runs it, and nothing warns."""
     monkeypatch.setattr(ops, "load_status", lambda: ops.ExtensionStatus(available=True, cpu=True, cuda=True))
-    cuda = torch.device("cuda")
-    assert resolve_backend("auto", cuda) == "torch"
-    assert resolve_backend("auto", torch.device("cpu")) == "ext"
     caplog.clear()
-    assert resolve_backend("ext", cuda) == "ext"
-    assert [r.getMessage() for r in caplog.records] == ["--backend ext: " + UNVERIFIED_CUDA]
+    assert resolve_backend("auto", torch.device("cuda")) == "ext"
+    assert resolve_backend("ext", torch.device("cuda")) == "ext"
+    assert resolve_backend("auto", torch.device("cpu")) == "ext"
+    assert caplog.records == []
 
 
 def reversed_inputs(job: ModuleJob) -> ModuleJob:

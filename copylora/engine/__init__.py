@@ -6,8 +6,8 @@ Backends:
 - "torch": the pure-torch steps of copylora.engine.reference, batched per group of same-shaped
   modules with torch's batched QR/SVD (reference.merge_module, one at a time, is what it is
   tested against).
-"auto" picks "ext" when the extension loads, else "torch" with a warning that says why; on CUDA
-it picks "torch" until the CUDA kernel has passed bench/gpu_check.py on real hardware.
+"auto" picks "ext" when the extension loads (with CUDA kernels, for a CUDA device), else "torch"
+with a warning that says why. The CUDA kernel passed bench/gpu_check.py on an H200 (bench/README.md).
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ __all__ = ["BACKEND_CHOICES", "EngineResult", "ModuleJob", "MergedModule", "SvdO
 logger = logging.getLogger("copylora")
 
 BACKEND_CHOICES = ("auto", "ext", "torch")
-
-# Set to True once bench/gpu_check.py has passed on a real GPU (its figures in bench/README.md).
-CUDA_KERNEL_VERIFIED = False
-UNVERIFIED_CUDA = "copylora._C's CUDA kernel has not been verified on GPU hardware yet (bench/README.md)"
 
 
 @dataclass
@@ -65,12 +61,6 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested == "ext":
             raise CopyloraError("--backend ext: copylora._C was built without CUDA kernels; rebuild with CUDA")
         warn_once(f"copylora._C was built without CUDA kernels; using the pure-torch backend on {device}")
-        return "torch"
-    if device.type == "cuda" and not CUDA_KERNEL_VERIFIED:
-        if requested == "ext":
-            logger.warning("--backend ext: %s", UNVERIFIED_CUDA)
-            return "ext"
-        logger.info("%s; using the torch backend on %s (--backend ext runs the kernel)", UNVERIFIED_CUDA, device)
         return "torch"
     return "ext"
 
