@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from copylora.errors import CopyloraError
+from copylora.safetensors_format import SAFETENSORS_DTYPES
+from copylora.safetensors_reader import read_safetensors
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -112,13 +114,25 @@ class LoraFile:
         return self.metadata.get("modelspec.title") or self.path.stem
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+@dataclass
+class _Loaded:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    all_floats_finite: bool = False  # True: checked in bulk, no tensor needs its own check
+
+
+def _load_tensors(path: Path) -> _Loaded:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         try:
+            contents = read_safetensors(path)
+            if contents is not None:
+                finite = all(is_finite(run) for run in contents.float_runs)
+                return _Loaded(contents.tensors, contents.metadata, finite)
+            # a file copylora's reader does not vouch for: safetensors reads it, or says what is wrong
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
+            return _Loaded(load_file(str(path)), metadata)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CopyloraError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from exc
     if suffix in PICKLE_SUFFIXES:
@@ -132,7 +146,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise CopyloraError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
         if not isinstance(loaded, Mapping):
             raise CopyloraError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
-        return {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {}
+        return _Loaded({str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {})
     raise CopyloraError(f"{path}: unsupported file type {path.suffix!r} (use .safetensors, .ckpt, .pt or .pth)")
 
 
@@ -154,7 +168,8 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
         raise CopyloraError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
         raise CopyloraError(f"{path}: not readable (permission denied)")
-    tensors, metadata = _load_tensors(path)
+    loaded = _load_tensors(path)
+    tensors, metadata = loaded.tensors, loaded.metadata
 
     for fragment, kind in UNSUPPORTED_TYPES.items():
         key = next((k for k in tensors if fragment in k), None)
@@ -175,7 +190,8 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
             if not key_format.strict:
                 continue
             raise CopyloraError(f"{path}: module {name} has {key_format.down} but no {key_format.up}")
-        module = _validated_module(path, name, tensors[key], tensors[up_key], tensors.get(alpha_key))
+        module = _validated_module(path, name, tensors[key], tensors[up_key], tensors.get(alpha_key),
+                                   check_finite=not loaded.all_floats_finite)
         modules[name] = dataclasses.replace(module, key_format=key_format, key_suffix=suffix)
         used.update((key, up_key, alpha_key))
 
@@ -219,7 +235,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
 
 
 def _validated_module(
-    path: Path, name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None
+    path: Path, name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, check_finite: bool
 ) -> LoraModule:
     def bad(problem: str) -> CopyloraError:
         return CopyloraError(f"{path}: module {name}: {problem}")
@@ -227,7 +243,7 @@ def _validated_module(
     for label, tensor in (("lora_down", down), ("lora_up", up)):
         if not tensor.is_floating_point():
             raise bad(f"{label} has non-float dtype {tensor.dtype}")
-        if not is_finite(tensor):
+        if check_finite and not is_finite(tensor):
             raise bad(f"{label} contains NaN or Inf")
     if down.dim() not in (2, 4) or up.dim() != down.dim():
         raise bad(f"unsupported shapes lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}")
@@ -245,14 +261,6 @@ def _validated_module(
     return LoraModule(name=name, down=down, up=up, alpha=alpha_value)
 
 
-# safetensors' dtype names, in the order of its Dtype enum: it writes tensors by dtype, last of
-# these first, then by name (tests/test_serialization.py checks this against safetensors itself).
-SAFETENSORS_DTYPES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
-}
 _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}
 
 

@@ -142,6 +142,17 @@ def test_nan_or_inf(run_merge, tmp_path, pair, value):
     check_case(run_merge, tmp_path, [pair[0], bad], [], ["nan.safetensors", SMALL[2].name, "NaN or Inf"])
 
 
+def test_nan_outside_the_lora_modules_is_not_an_error(run_merge, tmp_path, pair):
+    """The whole-file NaN check fails here; the per-module check it falls back to must pass."""
+    tensors = random_lora(SMALL, 4, 1.0, 3)
+    tensors["some_other_tensor"] = torch.tensor([1.0, float("nan")], dtype=torch.float16)
+    odd = write(tmp_path / "odd.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    result = run_merge(*merge_args([pair[0], odd], out))
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+
+
 @pytest.mark.parametrize(("fragment", "kind"), [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
 def test_lycoris_and_dora_are_refused(run_merge, tmp_path, pair, fragment, kind):
     tensors = random_lora(SMALL, 4, 1.0, 4)

@@ -84,7 +84,7 @@ def test_header_longer_than_the_legacy_offset(tmp_path):
 
 def test_dtype_order_and_names_are_safetensors_own():
     """SerializedTensors orders by its own dtype table; safetensors must agree for every dtype in it."""
-    from copylora.lora_file import SAFETENSORS_DTYPES
+    from copylora.safetensors_format import SAFETENSORS_DTYPES
 
     values = {f"t{index:02d}_{name}": torch.ones(3, dtype=dtype) for index, (dtype, name) in
               enumerate(SAFETENSORS_DTYPES.items())}
