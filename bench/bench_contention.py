@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common import FLOOR, REAL_PAIR, best, engine_seconds, machine, timed, write_section
+from common import FLOOR, REAL_PAIR, engine_seconds, interleaved_best, machine, timed, write_section
 
 MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--device", "cpu", "--save_precision", "fp16", "--quiet"]
 BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
@@ -57,7 +57,8 @@ def main() -> int:
 
     lines = [
         f"Real SD1.5 pair, B − A `--new_rank 16 --save_precision fp16 --device cpu`, best of {args.repeat} fresh "
-        f"processes while N single-threaded busy loops run. Machine: {machine()}. Measured {datetime.date.today()}.",
+        f"processes in interleaved rounds while N single-threaded busy loops run. Machine: {machine()}. "
+        f"Measured {datetime.date.today()}.",
         "",
         "| busy processes | command | wall s | × floor under the same load | engine s |",
         "|---:|---|---:|---:|---:|",
@@ -66,18 +67,20 @@ def main() -> int:
         out = str(Path(tmp) / "diff.safetensors")
         for count in args.busy:
             with busy_processes(count, args.busy_limit):
-                rows = []
-                for backend in ("ext", "torch"):
-                    for label, prefix in (("", ["-m", "copylora.merge"]), (" (default spin policy)", ["-c", SPINNING])):
-                        cmd = [sys.executable, *prefix, "--models", *models, *MERGE_ARGS, "--save_to", out,
-                               "--backend", backend]
-                        run = best([timed(cmd) for _ in range(args.repeat)])
-                        rows.append((f"copylora.merge --backend {backend}{label}", run))
-                size = Path(out).stat().st_size
-                floor = best([timed([sys.executable, "-c", FLOOR, *models, str(Path(tmp) / "floor.safetensors"),
-                                     str(size)]) for _ in range(args.repeat)])
+                commands = {
+                    f"copylora.merge --backend {backend}{label}": [
+                        sys.executable, *prefix, "--models", *models, *MERGE_ARGS, "--save_to", out, "--backend", backend
+                    ]
+                    for backend in ("ext", "torch")
+                    for label, prefix in (("", ["-m", "copylora.merge"]), (" (default spin policy)", ["-c", SPINNING]))
+                }
+                timed(next(iter(commands.values())))  # writes the output, whose size the floor writes
+                floor_cmd = [sys.executable, "-c", FLOOR, *models, str(Path(tmp) / "floor.safetensors"),
+                             str(Path(out).stat().st_size)]
+                measured = interleaved_best({**commands, "I/O floor": floor_cmd}, args.repeat)
+            floor = measured.pop("I/O floor")
             lines.append(f"| {count} | I/O floor | {floor.seconds:.2f} | 1.00 | – |")
-            for label, run in rows:
+            for label, run in measured.items():
                 lines.append(f"| {count} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | "
                              f"{engine_seconds(run.stdout):.3f} |")
             print("\n".join(lines[-5:]), flush=True)

@@ -1,6 +1,7 @@
 """Whole-process benchmark of `copylora.merge` (not a test): real SD1.5, synthetic SDXL and LoCon.
 
-Each command runs in a fresh process (wall time and peak RSS from wait4), best of --repeat:
+Each command runs in a fresh process (wall time and peak RSS from wait4), best of --repeat,
+run in interleaved rounds (ext, torch, floor, ext, …) so the machine's drift reaches all alike:
 - copylora.merge with each backend (the engine's own time is read from its last line);
 - the I/O floor: import torch, load the inputs, write a file of the output's size;
 - stock sd-scripts' svd_merge_lora.py when --sd-scripts and --stock-python are given (for the

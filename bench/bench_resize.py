@@ -1,6 +1,7 @@
 """Whole-process benchmark of `copylora.resize` (not a test): the real SD1.5 LoRA and a full SDXL one.
 
-Each command runs in a fresh process (wall time and peak RSS from wait4), best of --repeat:
+Each command runs in a fresh process (wall time and peak RSS from wait4), best of --repeat,
+run in interleaved rounds (ext, torch, floor, ext, …) so the machine's drift reaches all alike:
 - copylora.resize with each backend (the engine's own time is read from its last line);
 - the I/O floor: import torch, load the input, write a file of the output's size;
 - stock sd-scripts' resize_lora.py when --sd-scripts and --stock-python are given (one run per

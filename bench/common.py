@@ -57,6 +57,16 @@ def best(runs: list[Run]) -> Run:
     return min(runs, key=lambda r: r.seconds)
 
 
+def interleaved_best(commands: dict[str, list[str]], repeat: int) -> dict[str, Run]:
+    """Best of `repeat` for each command, run in rounds (a, b, c, a, b, c, ...), so that a drift in the
+    machine's speed (minutes long on this shared VM) reaches every command alike, not the ones run last."""
+    runs: dict[str, list[Run]] = {label: [] for label in commands}
+    for _ in range(repeat):
+        for label, cmd in commands.items():
+            runs[label].append(timed(cmd))
+    return {label: best(label_runs) for label, label_runs in runs.items()}
+
+
 def engine_seconds(stdout: str) -> float:
     match = re.search(r"\(engine ([0-9.]+) s\)", stdout)
     return float(match.group(1)) if match else float("nan")
@@ -131,15 +141,17 @@ class Comparison:
 
 
 def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
-    """Time both backends and the I/O floor (best of `repeat`) and stock once; one table row each."""
-    rows: list[tuple[str, Run, str]] = []
-    for backend in ("ext", "torch"):
-        run = best([timed(case.command(backend)) for _ in range(repeat)])
-        rows.append((f"{case.tool} --backend {backend}", run, f"{engine_seconds(run.stdout):.3f}"))
+    """Time both backends and the I/O floor (best of `repeat`, interleaved) and stock once; one row each."""
+    timed(case.command("ext"))  # writes the output, whose size the floor writes; warms the page cache
     floor_cmd = [sys.executable, "-c", FLOOR, *case.inputs, str(workdir / "floor.safetensors"),
                  str(case.output.stat().st_size)]
-    floor = best([timed(floor_cmd) for _ in range(repeat)])
-    rows.append(("I/O floor", floor, "–"))
+    commands = {f"{case.tool} --backend {backend}": case.command(backend) for backend in ("ext", "torch")}
+    measured = interleaved_best({**commands, "I/O floor": floor_cmd}, repeat)
+    floor = measured["I/O floor"]
+    rows: list[tuple[str, Run, str]] = [
+        (label, run, "–" if label == "I/O floor" else f"{engine_seconds(run.stdout):.3f}")
+        for label, run in measured.items()
+    ]
     if case.stock_command is not None:
         rows.append((f"stock {case.stock_script} (1 run)", timed(case.stock_command, cwd=case.stock_cwd), "–"))
     lines = [
@@ -174,7 +186,8 @@ def run_whole_process(
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     lines = [
-        f"{intro}, best of {args.repeat} fresh processes. Machine: {machine()}. Measured {datetime.date.today()}.",
+        f"{intro}, best of {args.repeat} fresh processes run in interleaved rounds (copylora, floor, copylora, …). "
+        f"Machine: {machine()}. Measured {datetime.date.today()}.",
         "",
         "| case | command | wall s | × floor | engine s | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|",
