@@ -109,8 +109,7 @@ def _entry(key: str, info: object, data_start: int) -> _Entry | None:
     if not all(type(n) is int and n >= 0 for n in (*shape, *offsets)):
         return None
     begin, end = offsets
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != math.prod(shape) * itemsize or (data_start + begin) % itemsize:
+    if end - begin != math.prod(shape) * dtype.itemsize or (data_start + begin) % dtype.itemsize:
         return None  # wrong size, or a view that would be misaligned for its dtype
     return _Entry(key, dtype, tuple(shape), begin, end)
 
@@ -131,7 +130,7 @@ def _float_runs(buffer: mmap.mmap, entries: list[_Entry], data_start: int) -> li
             continue
         dtype, begin, end = entries[first].dtype, entries[first].begin, entries[index - 1].end
         if dtype.is_floating_point and end > begin:
-            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+            count = (end - begin) // dtype.itemsize
             runs.append(torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin))
         first = index
     return runs
