@@ -56,7 +56,12 @@ def read_safetensors(path: Path) -> SafetensorsContents | None:
             return None  # nothing to map: safetensors says what is wrong
         # A private copy-on-write mapping: pages are read when a tensor first touches them, and
         # writing to a tensor never reaches the file (torch.frombuffer wants a writable buffer).
-        buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        # Windows cannot replace a mapped file; copylora never writes a file it has read (the merge
+        # and the resize refuse --save_to equal to an input).
+        try:
+            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):
+            return None  # a file system without mappings: safetensors reads it its own way
     parsed = _parse_header(buffer)
     if parsed is None:
         return None

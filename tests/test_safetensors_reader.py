@@ -104,3 +104,15 @@ def test_truncated_files_go_to_safetensors(tmp_path, content):
     path = tmp_path / "t.safetensors"
     path.write_bytes(content)
     assert read_safetensors(path) is None
+
+
+def test_a_file_system_without_mappings_goes_to_safetensors(tmp_path, monkeypatch):
+    path = tmp_path / "net.safetensors"
+    save_file({"m.lora_down.weight": torch.ones(2, 4), "m.lora_up.weight": torch.ones(4, 2)}, str(path))
+
+    def no_mapping(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr("copylora.safetensors_reader.mmap.mmap", no_mapping)
+    assert read_safetensors(path) is None
+    assert read_lora(path).modules["m"].rank == 2  # read by safetensors instead
