@@ -14,6 +14,7 @@ then also says what is wrong with the file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -119,23 +120,22 @@ def _entry(key: str, info: object, data_start: int) -> _Entry | None:
     return _Entry(key, dtype, tuple(shape), begin, end)
 
 
+def _flat(buffer: mmap.mmap, dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
+    """Bytes [start, end) of the mapping as a flat tensor of `dtype` that shares its memory."""
+    if end == start:
+        return torch.empty(0, dtype=dtype)  # frombuffer refuses a count of 0
+    return torch.frombuffer(buffer, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
+
+
 def _view(buffer: mmap.mmap, entry: _Entry, data_start: int) -> torch.Tensor:
-    count = math.prod(entry.shape)
-    if count == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    flat = torch.frombuffer(buffer, dtype=entry.dtype, count=count, offset=data_start + entry.begin)
-    return flat.view(entry.shape)
+    return _flat(buffer, entry.dtype, data_start + entry.begin, data_start + entry.end).view(entry.shape)
 
 
 def _float_runs(buffer: mmap.mmap, entries: list[_Entry], data_start: int) -> list[torch.Tensor]:
-    runs: list[torch.Tensor] = []
-    first = 0
-    for index in range(1, len(entries) + 1):
-        if index < len(entries) and entries[index].dtype == entries[first].dtype:
-            continue
-        dtype, begin, end = entries[first].dtype, entries[first].begin, entries[index - 1].end
-        if dtype.is_floating_point and end > begin:
-            count = (end - begin) // dtype.itemsize
-            runs.append(torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin))
-        first = index
+    """Each run of adjacent same-dtype float entries (they tile the data section) as one flat tensor."""
+    runs = []
+    for dtype, group in itertools.groupby(entries, key=lambda entry: entry.dtype):
+        run = list(group)
+        if dtype.is_floating_point and run[-1].end > run[0].begin:
+            runs.append(_flat(buffer, dtype, data_start + run[0].begin, data_start + run[-1].end))
     return runs
