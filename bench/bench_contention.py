@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common import FLOOR, REAL_PAIR, engine_seconds, interleaved_best, machine, timed, write_section
+from common import IO_FLOOR, REAL_PAIR, engine_seconds, machine, with_io_floor, write_section
 
 MERGE_ARGS = ["--ratios", "1", "-1", "--new_rank", "16", "--device", "cpu", "--save_precision", "fp16", "--quiet"]
 BUSY_LOOP = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
@@ -74,12 +74,9 @@ def main() -> int:
                     for backend in ("ext", "torch")
                     for label, prefix in (("", ["-m", "copylora.merge"]), (" (default spin policy)", ["-c", SPINNING]))
                 }
-                timed(next(iter(commands.values())))  # writes the output, whose size the floor writes
-                floor_cmd = [sys.executable, "-c", FLOOR, *models, str(Path(tmp) / "floor.safetensors"),
-                             str(Path(out).stat().st_size)]
-                measured = interleaved_best({**commands, "I/O floor": floor_cmd}, args.repeat)
-            floor = measured.pop("I/O floor")
-            lines.append(f"| {count} | I/O floor | {floor.seconds:.2f} | 1.00 | – |")
+                measured = with_io_floor(commands, models, Path(out), Path(tmp), args.repeat)
+            floor = measured.pop(IO_FLOOR)
+            lines.append(f"| {count} | {IO_FLOOR} | {floor.seconds:.2f} | 1.00 | – |")
             for label, run in measured.items():
                 lines.append(f"| {count} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | "
                              f"{engine_seconds(run.stdout):.3f} |")

@@ -67,6 +67,18 @@ def interleaved_best(commands: dict[str, list[str]], repeat: int) -> dict[str, R
     return {label: best(label_runs) for label, label_runs in runs.items()}
 
 
+IO_FLOOR = "I/O floor"  # the row label of the floor
+
+
+def with_io_floor(commands: dict[str, list[str]], inputs: list[str], output: Path, workdir: Path,
+                  repeat: int) -> dict[str, Run]:
+    """interleaved_best of the commands and of their I/O floor (under IO_FLOOR). The first command runs
+    once before: it writes `output`, whose size the floor writes, and warms the page cache."""
+    timed(next(iter(commands.values())))
+    floor = [sys.executable, "-c", FLOOR, *inputs, str(workdir / "floor.safetensors"), str(output.stat().st_size)]
+    return interleaved_best({**commands, IO_FLOOR: floor}, repeat)
+
+
 def engine_seconds(stdout: str) -> float:
     match = re.search(r"\(engine ([0-9.]+) s\)", stdout)
     return float(match.group(1)) if match else float("nan")
@@ -142,14 +154,11 @@ class Comparison:
 
 def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
     """Time both backends and the I/O floor (best of `repeat`, interleaved) and stock once; one row each."""
-    timed(case.command("ext"))  # writes the output, whose size the floor writes; warms the page cache
-    floor_cmd = [sys.executable, "-c", FLOOR, *case.inputs, str(workdir / "floor.safetensors"),
-                 str(case.output.stat().st_size)]
     commands = {f"{case.tool} --backend {backend}": case.command(backend) for backend in ("ext", "torch")}
-    measured = interleaved_best({**commands, "I/O floor": floor_cmd}, repeat)
-    floor = measured["I/O floor"]
+    measured = with_io_floor(commands, case.inputs, case.output, workdir, repeat)
+    floor = measured[IO_FLOOR]
     rows: list[tuple[str, Run, str]] = [
-        (label, run, "–" if label == "I/O floor" else f"{engine_seconds(run.stdout):.3f}")
+        (label, run, "–" if label == IO_FLOOR else f"{engine_seconds(run.stdout):.3f}")
         for label, run in measured.items()
     ]
     if case.stock_command is not None:
