@@ -1,7 +1,7 @@
-// CPU kernel of copylora::merge_group: float32 on ATen. A group is processed in chunks of modules:
-// the fused assembly, the linear algebra (ATen's batched LAPACK calls on each thread's slice) and
-// the per-module finishing (sign fix, scaling, truncation, clamp) run in parallel across modules
-// with at::parallel_for.
+// CPU kernel of copylora::merge_group: float32 on ATen, parallel across modules with
+// at::parallel_for. Each thread works through its share of a group in small batches: the fused
+// assembly, the linear algebra (ATen's batched LAPACK calls) and the per-module finishing (sign
+// fix, scaling, truncation, clamp), one batch at a time, while its data is in cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,7 +12,6 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -54,45 +53,67 @@ void assemble_module(const GroupShape& g, at::TensorList ups, at::TensorList dow
   }
 }
 
-// Writes module b's up (out x K block) and down (K x in block) from U (out x kk), S, Vh (kk x in),
-// the first `kept` pairs only, each pair's sign fixed so that the largest-|value| entry of its U
-// column (first on ties) is positive.
+// Writes module b's up (out x K block, zero past `kept`) and down (K x in block, likewise) from
+// U (out x kk), S and Vh (kk x in), each pair's sign fixed so that the largest-|value| entry of its
+// U column (first on ties) is positive. Row-major passes throughout: walking U a column at a time
+// strides through it, and that scan was a third of the finishing time.
 void write_factors(const GroupShape& g, const float* u, const float* s, const float* vh, int64_t kk,
                    int64_t kept, bool sqrt_split, float* up, float* down) {
-  for (int64_t j = 0; j < kept; ++j) {
-    int64_t best = 0;
-    float best_abs = -1.0f;
-    for (int64_t row = 0; row < g.out; ++row) {
-      const float a = std::fabs(u[row * kk + j]);
-      if (a > best_abs) {
-        best_abs = a;
-        best = row;
-      }
-    }
-    const float sign = u[best * kk + j] < 0.0f ? -1.0f : 1.0f;
-    const float up_scale = sign * (sqrt_split ? std::sqrt(s[j]) : s[j]);
-    const float down_scale = sign * (sqrt_split ? std::sqrt(s[j]) : 1.0f);
-    for (int64_t row = 0; row < g.out; ++row) {
-      up[row * g.max_rank + j] = u[row * kk + j] * up_scale;
-    }
-    for (int64_t col = 0; col < g.in; ++col) {
-      down[j * g.in + col] = vh[j * g.in + col] * down_scale;
+  // |value| compared as the bits of a non-negative float, whose order is the values' order: an
+  // integer select vectorises where a float one (which may trap) does not.
+  std::vector<uint32_t> largest(kept, 0);
+  std::vector<float> at_largest(kept, 0.0f);
+  for (int64_t row = 0; row < g.out; ++row) {
+    const float* u_row = u + row * kk;
+    for (int64_t j = 0; j < kept; ++j) {
+      const float value = u_row[j];
+      uint32_t bits;
+      std::memcpy(&bits, &value, sizeof bits);
+      const uint32_t magnitude = bits & 0x7fffffffu;
+      const bool larger = magnitude > largest[j];
+      largest[j] = larger ? magnitude : largest[j];
+      at_largest[j] = larger ? value : at_largest[j];
     }
   }
+  std::vector<float> up_scale(kept);
+  std::vector<float> down_scale(kept);
+  for (int64_t j = 0; j < kept; ++j) {
+    const float sign = at_largest[j] < 0.0f ? -1.0f : 1.0f;
+    up_scale[j] = sign * (sqrt_split ? std::sqrt(s[j]) : s[j]);
+    down_scale[j] = sign * (sqrt_split ? std::sqrt(s[j]) : 1.0f);
+  }
+  for (int64_t row = 0; row < g.out; ++row) {
+    const float* u_row = u + row * kk;
+    float* up_row = up + row * g.max_rank;
+    for (int64_t j = 0; j < kept; ++j) {
+      up_row[j] = u_row[j] * up_scale[j];
+    }
+    std::fill(up_row + kept, up_row + g.max_rank, 0.0f);
+  }
+  for (int64_t j = 0; j < kept; ++j) {
+    const float* vh_row = vh + j * g.in;
+    float* down_row = down + j * g.in;
+    const float scale = down_scale[j];
+    for (int64_t col = 0; col < g.in; ++col) {
+      down_row[col] = vh_row[col] * scale;
+    }
+  }
+  std::fill(down + kept * g.in, down + g.max_rank * g.in, 0.0f);
 }
 
-// Calls f(value) for every value clamped together for a module: up[:, :rank], then down[:rank].
+// Calls f(run, length) for the contiguous runs of the values clamped together for a module:
+// up[:, :rank] (one run when rank is the block's width, else one per row), then down[:rank].
+// Inner loops over a run vectorise; a call per value did not.
 template <typename F>
-void for_each_clamped(const GroupShape& g, int64_t rank, float* up, float* down, F&& f) {
-  for (int64_t row = 0; row < g.out; ++row) {
-    float* up_row = up + row * g.max_rank;
-    for (int64_t j = 0; j < rank; ++j) {
-      f(up_row[j]);
+void for_each_clamped_run(const GroupShape& g, int64_t rank, float* up, float* down, F&& f) {
+  if (rank == g.max_rank) {
+    f(up, g.out * rank);
+  } else {
+    for (int64_t row = 0; row < g.out; ++row) {
+      f(up + row * g.max_rank, rank);
     }
   }
-  for (int64_t e = 0; e < rank * g.in; ++e) {
-    f(down[e]);
-  }
+  f(down, rank * g.in);
 }
 
 // The order statistics k and k + 1 (0-based; k + 1 clipped to the last) of a module's clamped
@@ -133,13 +154,26 @@ std::pair<float, float> select_pair(const GroupShape& g, int64_t rank, float* up
       std::nth_element(buffer.begin(), buffer.begin() + hi_rank, buffer.end());
       hi = buffer[hi_rank];
     }
+    // Two passes: counting vectorises, copying the few values inside the bracket does not.
     int64_t below_lo = 0;
-    buffer.clear();
-    for_each_clamped(g, rank, up, down, [&](float x) {
-      if (x < lo) {
-        ++below_lo;
-      } else if (x <= hi) {
-        buffer.push_back(x);
+    int64_t inside = 0;
+    for_each_clamped_run(g, rank, up, down, [&](const float* run, int64_t length) {
+      int64_t below_here = 0;  // local counters keep the loop in registers
+      int64_t inside_here = 0;
+      for (int64_t i = 0; i < length; ++i) {
+        below_here += run[i] < lo;
+        inside_here += run[i] <= hi;
+      }
+      below_lo += below_here;
+      inside += inside_here - below_here;
+    });
+    buffer.resize(inside);
+    float* copied = buffer.data();
+    for_each_clamped_run(g, rank, up, down, [&](const float* run, int64_t length) {
+      for (int64_t i = 0; i < length; ++i) {
+        if (run[i] >= lo && run[i] <= hi) {
+          *copied++ = run[i];
+        }
       }
     });
     if (below_lo <= k && next < below_lo + static_cast<int64_t>(buffer.size())) {
@@ -147,7 +181,8 @@ std::pair<float, float> select_pair(const GroupShape& g, int64_t rank, float* up
     }
   }
   buffer.clear();
-  for_each_clamped(g, rank, up, down, [&](float x) { buffer.push_back(x); });
+  for_each_clamped_run(g, rank, up, down,
+                       [&](const float* run, int64_t length) { buffer.insert(buffer.end(), run, run + length); });
   return from_sorted(buffer, k, next);
 }
 
@@ -165,7 +200,11 @@ void clamp_module(const GroupShape& g, int64_t rank, float quantile, float* up, 
     above = below;
   }
   const float hi = lerp_like_torch(below, above, pos.weight);
-  for_each_clamped(g, rank, up, down, [&](float& x) { x = std::min(std::max(x, -hi), hi); });
+  for_each_clamped_run(g, rank, up, down, [hi](float* run, int64_t length) {
+    for (int64_t i = 0; i < length; ++i) {
+      run[i] = std::min(std::max(run[i], -hi), hi);
+    }
+  });
 }
 
 // MKL chooses its blocking, and so its rounding, by the number of threads it runs on: the QR of a
@@ -210,76 +249,67 @@ class SingleThreadedMkl {
   int previous_ = 0;
 };
 
-// Modules per batched LAPACK call: enough to amortise ATen's per-call cost and to give every
-// thread work in the parallel passes, few enough that a chunk's temporaries (P, Q, their QR
-// factors, U, Vh: a few MB) are reused heap memory. One big batch per group was slower: every
-// temporary was a fresh mapping of tens of MB whose page faults cost more than the LAPACK work.
-int64_t chunk_modules(const GroupShape& g) {
-  constexpr int64_t kChunkFloats = int64_t{1} << 20;
+// Modules per batched LAPACK call: enough to amortise ATen's per-call cost, few enough that a
+// batch's temporaries (P, Q, their QR factors, U, Vh: a few MB) stay in cache and are reused heap
+// memory. One big batch per group was slower: every temporary was a fresh mapping of tens of MB
+// whose page faults cost more than the LAPACK work.
+int64_t batch_modules(const GroupShape& g) {
+  constexpr int64_t kBatchFloats = int64_t{1} << 19;
   const int64_t per_module = g.dense ? g.out * g.in + g.total_rank * (g.out + g.in)
                                      : g.total_rank * (g.out + g.in);
-  return std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(per_module, 1), 4, 256);
+  return std::clamp<int64_t>(kBatchFloats / std::max<int64_t>(per_module, 1), 2, 128);
 }
 
-// Merges modules [begin, end) of the group into their blocks of up, down and singular. Everything
-// runs in parallel across modules: the copies, the linear algebra (each thread's LAPACK calls on
-// its own slice, single-threaded: MKL's own threading misbehaves when entered from inside an
-// OpenMP team — results drifted and a later threaded MKL call span forever) and the per-module
-// passes after it.
-void merge_chunk(const GroupShape& g, at::TensorList ups, at::TensorList downs, const float* scales,
-                 at::IntArrayRef ranks, float quantile, bool clamps, bool sqrt_split, int64_t begin,
-                 int64_t end, float* up_data, float* down_data, float* singular_data) {
+// What merge_batch reads and writes: the op's arguments and its three outputs.
+struct GroupCall {
+  const GroupShape& g;
+  at::TensorList ups;
+  at::TensorList downs;
+  const float* scales;
+  at::IntArrayRef ranks;
+  float quantile;
+  bool clamps;
+  bool sqrt_split;
+  float* up;
+  float* down;
+  float* singular;
+};
+
+// Merges modules [begin, end) of the group into their blocks of up, down and singular, on the
+// calling thread: assembles P and Q in float32, decomposes them with batched ATen calls, then
+// writes, sign-fixes and clamps each module.
+void merge_batch(const GroupCall& call, int64_t begin, int64_t end) {
+  const GroupShape& g = call.g;
   const auto options = at::TensorOptions().dtype(at::kFloat);
   const int64_t count = end - begin;
   at::Tensor p = at::empty({count, g.out, g.total_rank}, options);
   at::Tensor q = at::empty({count, g.total_rank, g.in}, options);
-  float* p_data = p.data_ptr<float>();
-  float* q_data = q.data_ptr<float>();
-  std::atomic<bool> finite{true};
-  at::parallel_for(begin, end, 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      float* p_b = p_data + (b - begin) * g.out * g.total_rank;
-      float* q_b = q_data + (b - begin) * g.total_rank * g.in;
-      assemble_module(g, ups, downs, scales, b, p_b, q_b);
-      if (!all_finite(p_b, g.out * g.total_rank) || !all_finite(q_b, g.total_rank * g.in)) {
-        finite = false;
-      }
-    }
-  });
-  TORCH_CHECK(finite.load(), kNonFiniteFactor);
+  for (int64_t i = 0; i < count; ++i) {
+    float* p_i = p.data_ptr<float>() + i * g.out * g.total_rank;
+    float* q_i = q.data_ptr<float>() + i * g.total_rank * g.in;
+    assemble_module(g, call.ups, call.downs, call.scales, begin + i, p_i, q_i);
+    TORCH_CHECK(all_finite(p_i, g.out * g.total_rank) && all_finite(q_i, g.total_rank * g.in), kNonFiniteFactor);
+  }
   const int64_t kk = g.computed;
-  // Each thread decomposes its own slice of the chunk with batched calls, its MKL held to one
-  // thread (the cores all work, and a module's result does not depend on the thread count),
-  // then writes, sign-fixes and clamps that slice's modules.
-  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
-    const int64_t n = last - first;
-    at::Tensor u, s, vh;  // (n, out, kk), (n, m), (n, kk, in)
-    {
-      const SingleThreadedMkl same_result_at_any_thread_count;
-      std::tie(u, s, vh) = factored_svd(g, p.narrow(0, first, n), q.narrow(0, first, n),
-                                        [](const at::Tensor& matrices) {
-                                          return at::linalg_svd(matrices, /*full_matrices=*/false);
-                                        });
+  auto [u, s, vh] = factored_svd(g, p, q, [](const at::Tensor& matrices) {
+    return at::linalg_svd(matrices, /*full_matrices=*/false);
+  });  // u (count, out, kk), s (count, m), vh (count, kk, in)
+  const float* u_data = u.const_data_ptr<float>();
+  const float* s_data = s.const_data_ptr<float>();
+  const float* vh_data = vh.const_data_ptr<float>();
+  std::copy_n(s_data, count * g.singular, call.singular + begin * g.singular);
+  std::vector<float> buffer;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t b = begin + i;
+    float* up_b = call.up + b * g.out * g.max_rank;
+    float* down_b = call.down + b * g.max_rank * g.in;
+    // The output is allocated uninitialised: write_factors writes every value of both blocks.
+    write_factors(g, u_data + i * g.out * kk, s_data + i * g.singular, vh_data + i * kk * g.in, kk,
+                  std::min(call.ranks[b], g.singular), call.sqrt_split, up_b, down_b);
+    if (call.clamps) {
+      clamp_module(g, call.ranks[b], call.quantile, up_b, down_b, buffer);
     }
-    const float* u_data = u.const_data_ptr<float>();
-    const float* s_data = s.const_data_ptr<float>();
-    const float* vh_data = vh.const_data_ptr<float>();
-    std::copy_n(s_data, n * g.singular, singular_data + (begin + first) * g.singular);
-    std::vector<float> buffer;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = begin + first + i;
-      float* up_b = up_data + b * g.out * g.max_rank;
-      float* down_b = down_data + b * g.max_rank * g.in;
-      // The output is allocated uninitialised and zeroed here, by the thread that fills it.
-      std::fill_n(up_b, g.out * g.max_rank, 0.0f);
-      std::fill_n(down_b, g.max_rank * g.in, 0.0f);
-      write_factors(g, u_data + i * g.out * kk, s_data + i * g.singular, vh_data + i * kk * g.in, kk,
-                    std::min(ranks[b], g.singular), sqrt_split, up_b, down_b);
-      if (clamps) {
-        clamp_module(g, ranks[b], quantile, up_b, down_b, buffer);
-      }
-    }
-  });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
@@ -294,12 +324,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
     return {up, down, singular};
   }
   const at::Tensor scales_c = scales.contiguous();
-  const int64_t chunk = chunk_modules(g);
-  for (int64_t first = 0; first < g.modules; first += chunk) {
-    merge_chunk(g, ups, downs, scales_c.const_data_ptr<float>(), ranks, static_cast<float>(clamp_quantile),
-                clamp_quantile < 1.0, sqrt_split, first, std::min(g.modules, first + chunk), up.data_ptr<float>(),
-                down.data_ptr<float>(), singular.data_ptr<float>());
-  }
+  const GroupCall call{g, ups, downs, scales_c.const_data_ptr<float>(), ranks, static_cast<float>(clamp_quantile),
+                       clamp_quantile < 1.0, sqrt_split, up.data_ptr<float>(), down.data_ptr<float>(),
+                       singular.data_ptr<float>()};
+  const int64_t batch = batch_modules(g);
+  // One parallel region per group: each thread takes its share of the modules and works through
+  // it in batches, its MKL held to one thread (MKL's own threading misbehaves when entered from
+  // inside an OpenMP team — results drifted and a later threaded MKL call span forever — and a
+  // module's result must not depend on the thread count). A NaN raises in the thread that finds
+  // it; at::parallel_for rethrows that here.
+  at::parallel_for(0, g.modules, 1, [&](int64_t first, int64_t last) {
+    const SingleThreadedMkl same_result_at_any_thread_count;
+    for (int64_t begin = first; begin < last; begin += batch) {
+      merge_batch(call, begin, std::min(last, begin + batch));
+    }
+  });
   return {up, down, singular};
 }
 
