@@ -23,14 +23,15 @@ import time
 from typing import Callable
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+import copylora.openmp_wait  # noqa: E402,F401  (the commands' OpenMP setting, before torch loads OpenMP)
+import torch  # noqa: E402
 from copylora.engine import merge_jobs, reference  # noqa: E402
 from copylora.engine.jobs import ModuleJob, SvdOptions  # noqa: E402
+from copylora.heap_reuse import keep_freed_memory  # noqa: E402
 from common import manifest_modules  # noqa: E402
 
 README = HERE / "README.md"
@@ -82,6 +83,7 @@ def child(args: argparse.Namespace) -> None:
     that loop clamping with torch.quantile (a full sort), the loop the engine was first measured
     against.
     """
+    keep_freed_memory()  # as the commands do
     jobs = manifest_jobs(args.variant, [int(r) for r in args.ranks.split(",")], args.new_rank)
     options = SvdOptions()
     if args.backend in ("torch-loop", "torch-sort"):

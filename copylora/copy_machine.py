@@ -27,6 +27,7 @@ import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's s
 from copylora import copy_machine_report, preview
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import CopyloraError, run_cli
+from copylora.heap_reuse import keep_freed_memory
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
 from copylora.train import accelerate_args, add_kohya_arguments, setup, warn
@@ -224,6 +225,7 @@ def _bake_unless_settled(jobs: dict[str, kohya_job.TrainJob], baking: kohya_bake
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 

@@ -17,6 +17,7 @@ from copylora.cli_help import DefaultsHelpFormatter
 from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
+from copylora.heap_reuse import keep_freed_memory
 from copylora.progress import ModuleProgress
 from copylora.svd_merge import PRECISIONS, MergeRequest, MergeSummary, merge_files
 
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
