@@ -225,6 +225,23 @@ def shared_alpha(planned: list[PlannedModule], request: MergeRequest) -> int | N
     return int(common_alpha([p.job.rank for p in planned]))
 
 
+def engine_output_dtype(request: MergeRequest, merge_dtype: torch.dtype, save_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the engine hands the merged factors back in: the saved dtype where they go to the
+    file as they are and stock's float32 → merge dtype → save dtype casts round only once; else
+    float32, for the steps that still work on them (dynamic ranks, shared alpha, --report)."""
+    if request.dynamic or request.report or merge_dtype not in (torch.float32, save_dtype):
+        return torch.float32
+    return save_dtype
+
+
+def as_saved(factor: torch.Tensor, merge_dtype: torch.dtype, save_dtype: torch.dtype) -> torch.Tensor:
+    """stock's rounding of a float32 result: to the merge dtype, then to the save dtype. A factor
+    the engine already returned in the save dtype (engine_output_dtype) was rounded that way."""
+    if factor.dtype == save_dtype and merge_dtype in (torch.float32, save_dtype):
+        return factor
+    return factor.to(merge_dtype).to(save_dtype)
+
+
 def output_tensors(
     planned: list[PlannedModule], merged: dict[str, MergedModule], merge_dtype: torch.dtype, save_dtype: torch.dtype,
     alpha: int | None = None,
@@ -240,9 +257,8 @@ def output_tensors(
         if plan.is_conv:
             up = up.reshape(plan.weight_shape[0], rank, 1, 1)
             down = down.reshape(rank, *plan.weight_shape[1:])
-        # stock holds the result in the merge dtype, then casts to the save dtype
-        tensors[f"{name}.lora_up.weight"] = up.to(merge_dtype).to(save_dtype).contiguous()
-        tensors[f"{name}.lora_down.weight"] = down.to(merge_dtype).to(save_dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = as_saved(up, merge_dtype, save_dtype).contiguous()
+        tensors[f"{name}.lora_down.weight"] = as_saved(down, merge_dtype, save_dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(rank if alpha is None else alpha)
     return tensors
 
@@ -354,24 +370,25 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
     options = SvdOptions(clamp_quantile=request.clamp_quantile, sqrt_split=request.sqrt_split)
     # exact mode promises the delta to float32 precision, which cancelling inputs need conditioning for
     engine_jobs = [p.job if options.clamps else orthonormal_down(p.job) for p in planned]
+    merge_dtype = PRECISIONS[request.precision]
+    save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
     result = merge_jobs(
         engine_jobs,
         options,
         backend=request.backend,
         device=request.device or "cpu",
         on_progress=on_progress,
+        out_dtype=engine_output_dtype(request, merge_dtype, save_dtype),
     )
     if request.dynamic:
         planned = apply_dynamic_ranks(planned, result, request, options)
 
-    merge_dtype = PRECISIONS[request.precision]
-    save_dtype = PRECISIONS[request.save_precision] if request.save_precision else merge_dtype
     tensors = output_tensors(planned, result.modules, merge_dtype, save_dtype, shared_alpha(planned, request))
     fidelity = None
     if request.report:
         total = Summary("total", measure_merge(planned, result.modules, tensors))
         fidelity = totals_line(total, request.save_precision or request.precision)
-    result.modules.clear()  # the engine's float32 batches: not needed past this point
+    result.modules.clear()  # the engine's batches: the file's tensors hold what they need of them
     logger.info("calculating hashes and creating metadata...")
     serialized = SerializedTensors.of(tensors)  # once: hashed, then written
     metadata = build_metadata(request, files, serialized)

@@ -20,8 +20,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(copylora, m) {
   // Merges B same-shaped LoRA modules (see copylora/engine/ops.py for the full contract):
-  // up (B, out, K), down (B, K, in), S (B, m), float32.
+  // up (B, out, K) and down (B, K, in) in out_dtype (float32 when None), S (B, m) float32.
   m.def(
       "merge_group(Tensor[] ups, Tensor[] downs, Tensor scales, int[] ranks, float clamp_quantile, "
-      "bool sqrt_split) -> (Tensor, Tensor, Tensor)");
+      "bool sqrt_split, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -86,6 +87,14 @@ inline GroupShape check_group(
   g.computed = std::min(g.max_rank, g.singular);
   g.dense = g.total_rank >= std::min(g.out, g.in);
   return g;
+}
+
+// The dtype of the returned up and down: float32 unless the caller asked for another float.
+inline at::ScalarType check_out_dtype(std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "merge_group: out_dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  return dtype;
 }
 
 // torch.quantile's 'linear' interpolation, with its float32 arithmetic: the position

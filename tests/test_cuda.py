@@ -136,6 +136,17 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.copylora.merge_group.default, (*group_args(job), 0.99, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_out_dtype_on_cuda(dtype):
+    """up and down in out_dtype are the float32 result cast once; S stays float32."""
+    gen = torch.Generator().manual_seed(11)
+    job = random_job(gen, "m", 300, 700, (8, 8), [1.0, -1.0], 16)
+    up, down, s = ops.merge_group(*group_args(job), 0.99, False)
+    cast_up, cast_down, cast_s = ops.merge_group(*group_args(job), 0.99, False, dtype)
+    assert cast_up.dtype == cast_down.dtype == dtype and cast_s.dtype == torch.float32
+    assert torch.equal(cast_up, up.to(dtype)) and torch.equal(cast_down, down.to(dtype)) and torch.equal(cast_s, s)
+
+
 def test_clamp_level_on_cuda():
     """The radix-select clamp lands on torch.quantile's level (to the last bit but an FMA)."""
     gen = torch.Generator().manual_seed(5)

@@ -132,6 +132,25 @@ def test_mixed_shapes_and_ranks_in_one_call():
     assert_backend_matches(jobs, SvdOptions(), run_ext)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("ext", marks=requires_ext), "torch"])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [SvdOptions(), SvdOptions(sqrt_split=True), SvdOptions(clamp_quantile=1.0)],
+                         ids=["clamp", "clamp-sqrt-split", "no-clamp"])
+def test_out_dtype_is_the_float32_result_rounded_once(backend, out_dtype, options):
+    """merge_jobs(out_dtype=...) gives what .to(out_dtype) of its float32 result gives, on every
+    path (the √S split included, which runs on the float32 result first)."""
+    gen = torch.Generator().manual_seed(3)
+    jobs = [random_job(gen, f"m{i}", 64, 96, (8, 8), [1.0, -1.0], 16, torch.float16) for i in range(3)]
+    jobs.append(random_job(gen, "dense", 5, 300, (8, 8), [1.0, -1.0], 12))
+    full = merge_jobs(jobs, options, backend=backend).modules
+    rounded = merge_jobs(jobs, options, backend=backend, out_dtype=out_dtype).modules
+    for name, merged in full.items():
+        assert rounded[name].up.dtype == rounded[name].down.dtype == out_dtype
+        assert torch.equal(rounded[name].up, merged.up.to(out_dtype))
+        assert torch.equal(rounded[name].down, merged.down.to(out_dtype))
+        assert torch.equal(rounded[name].singular_values, merged.singular_values)
+
+
 @requires_ext
 def test_empty_and_single_module():
     assert merge_jobs([], SvdOptions(), backend="ext").modules == {}

@@ -112,6 +112,29 @@ def test_precisions(tmp_path, precision, save_precision, dtype):
         assert float((delta - exact[name]).norm() / exact[name].norm()) < tolerance, name
 
 
+@pytest.mark.parametrize(("precision", "save_precision"),
+                         [("float", "fp16"), ("fp16", None), ("fp16", "bf16"), ("bf16", "fp16"), ("fp16", "float"),
+                          ("float", None)])
+def test_saved_dtype_from_the_engine_rounds_like_stock(tmp_path, monkeypatch, precision, save_precision):
+    """Where the engine hands back the saved dtype directly, the file holds exactly what stock's
+    float32 → --precision → --save_precision casts of the float32 result give."""
+    import copylora.svd_merge
+
+    a, b = tmp_path / "A.safetensors", tmp_path / "B.safetensors"
+    write_lora(a, random_lora(LAYOUT, 4, 1.0, 8), {})
+    write_lora(b, random_lora(LAYOUT, 4, 1.0, 9), {})
+    extra = ["--new_rank", "6", "--precision", precision] + (["--save_precision", save_precision] if save_precision else [])
+    run([b, a], ["1", "-1"], tmp_path / "direct.safetensors", *extra)
+    # the reference: a float32 result, cast as stock casts it
+    monkeypatch.setattr(copylora.svd_merge, "engine_output_dtype", lambda *args: torch.float32)
+    monkeypatch.setattr(copylora.svd_merge, "as_saved", lambda factor, merge, save: factor.to(merge).to(save))
+    run([b, a], ["1", "-1"], tmp_path / "float32.safetensors", *extra)
+    direct, through_float32 = load_file(str(tmp_path / "direct.safetensors")), load_file(str(tmp_path / "float32.safetensors"))
+    assert direct.keys() == through_float32.keys()
+    for key, tensor in direct.items():
+        assert tensor.dtype == through_float32[key].dtype and torch.equal(tensor, through_float32[key]), key
+
+
 def test_ranks_alpha_and_shapes_follow_stock(tmp_path):
     a, b = tmp_path / "A.safetensors", tmp_path / "B.safetensors"
     write_lora(a, random_lora(LAYOUT, 8, 1.0, 8), {"ss_v2": "False", "ss_base_model_version": "sd_v1"})

@@ -26,8 +26,10 @@ def group_args(modules=2, out=12, in_features=20, input_ranks=(3, 2), ranks=(4, 
         (*group_args(), 0.99, False),
         (*group_args(modules=1, out=6, in_features=40, input_ranks=(8,), ranks=(3,)), 1.0, True),  # dense
         ([], [], torch.zeros(0, 2), [], 0.99, False),
+        (*group_args(), 0.99, False, torch.float16),
+        ([], [], torch.zeros(0, 2), [], 0.99, False, torch.bfloat16),
     ],
-    ids=["factored", "dense", "empty"],
+    ids=["factored", "dense", "empty", "fp16-out", "empty-bf16-out"],
 )
 def test_opcheck(args):
     torch.library.opcheck(torch.ops.copylora.merge_group.default, args)
@@ -63,8 +65,21 @@ def test_mixed_dtypes_and_strides():
     assert torch.equal(up, cast_up) and torch.equal(down, cast_down) and torch.equal(s, cast_s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("clamp_quantile", [0.99, 1.0])
+@pytest.mark.parametrize(("out", "in_features", "ranks"), [(12, 20, (4, 2)), (300, 2000, (5, 3))], ids=["small", "sampled"])
+def test_out_dtype_is_the_float32_result_cast_once(dtype, clamp_quantile, out, in_features, ranks):
+    """up and down in out_dtype are the float32 result rounded once (the CPU kernel converts each
+    module from its float32 scratch); S stays float32."""
+    ups, downs, scales, _ = group_args(out=out, in_features=in_features, ranks=ranks)
+    up, down, s = ops.merge_group(ups, downs, scales, list(ranks), clamp_quantile, False)
+    cast_up, cast_down, cast_s = ops.merge_group(ups, downs, scales, list(ranks), clamp_quantile, False, dtype)
+    assert cast_up.dtype == cast_down.dtype == dtype and cast_s.dtype == torch.float32
+    assert torch.equal(cast_up, up.to(dtype)) and torch.equal(cast_down, down.to(dtype)) and torch.equal(cast_s, s)
+
+
 def test_fake_kernel_matches_real_shapes():
-    args = (*group_args(modules=2, out=9, in_features=5, input_ranks=(4, 4), ranks=(3, 6)), 0.99, False)
+    args = (*group_args(modules=2, out=9, in_features=5, input_ranks=(4, 4), ranks=(3, 6)), 0.99, False, torch.float16)
     real = ops.merge_group(*args)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = [
@@ -75,6 +90,7 @@ def test_fake_kernel_matches_real_shapes():
         ]
         fake = ops.merge_group(*fake_args)
     assert [f.shape for f in fake] == [r.shape for r in real]
+    assert [f.dtype for f in fake] == [r.dtype for r in real] == [torch.float16, torch.float16, torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -88,6 +104,7 @@ def test_fake_kernel_matches_real_shapes():
         (lambda a: a["ups"].__setitem__(0, torch.ones(12, 3, dtype=torch.int32)), "floating point"),
         (lambda a: a.update(ranks=[-1, 2]), ">= 0"),
         (lambda a: a.update(clamp_quantile=-0.5), "clamp_quantile"),
+        (lambda a: a.update(out_dtype=torch.int32), "out_dtype"),
         (lambda a: a["ups"][1].__setitem__((0, 0), float("nan")), "NaN or Inf"),
         (lambda a: a["downs"][3].__setitem__((1, 4), float("inf")), "NaN or Inf"),
         (lambda a: a["scales"].__setitem__((0, 1), 3e38), "NaN or Inf"),  # scaled up past float32

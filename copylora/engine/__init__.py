@@ -72,12 +72,14 @@ def group_jobs(jobs: Iterable[ModuleJob]) -> list[list[ModuleJob]]:
     return list(groups.values())
 
 
-def _run_group_ext(group: list[ModuleJob], options: SvdOptions, device: torch.device) -> list[MergedModule]:
+def _run_group_ext(
+    group: list[ModuleJob], options: SvdOptions, device: torch.device, out_dtype: torch.dtype
+) -> list[MergedModule]:
     ups = [u.to(device) for job in group for u in job.ups]
     downs = [d.to(device) for job in group for d in job.downs]
     scales = torch.tensor([job.scales for job in group], dtype=torch.float32, device=device)
     ranks = [job.rank for job in group]
-    up, down, s = ops.merge_group(ups, downs, scales, ranks, options.clamp_quantile, options.sqrt_split)
+    up, down, s = ops.merge_group(ups, downs, scales, ranks, options.clamp_quantile, options.sqrt_split, out_dtype)
     up, down, s = up.cpu(), down.cpu(), s.cpu()
     return [
         MergedModule(up=up[b, :, : job.rank], down=down[b, : job.rank], singular_values=s[b])
@@ -101,7 +103,9 @@ def float32_matmul(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def _run_group_torch(group: list[ModuleJob], options: SvdOptions, device: torch.device) -> list[MergedModule]:
+def _run_group_torch(
+    group: list[ModuleJob], options: SvdOptions, device: torch.device, out_dtype: torch.dtype
+) -> list[MergedModule]:
     first = group[0]
     per_module = first.total_rank * (first.out_features + first.in_features)
     if first.total_rank >= min(first.out_features, first.in_features):
@@ -111,7 +115,8 @@ def _run_group_torch(group: list[ModuleJob], options: SvdOptions, device: torch.
     with float32_matmul(device):
         for begin in range(0, len(group), size):
             for merged in reference.merge_batch(group[begin : begin + size], options, device):
-                results.append(MergedModule(merged.up.cpu(), merged.down.cpu(), merged.singular_values.cpu()))
+                results.append(MergedModule(merged.up.to("cpu", out_dtype), merged.down.to("cpu", out_dtype),
+                                            merged.singular_values.cpu()))
     return results
 
 
@@ -127,16 +132,24 @@ def balanced(merged: MergedModule) -> MergedModule:
     return MergedModule(merged.up / factor, merged.down * factor[:, None], merged.singular_values)
 
 
+def cast(merged: MergedModule, dtype: torch.dtype) -> MergedModule:
+    return MergedModule(merged.up.to(dtype), merged.down.to(dtype), merged.singular_values)
+
+
 def merge_jobs(
     jobs: list[ModuleJob],
     options: SvdOptions,
     backend: str = "auto",
     device: torch.device | str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> EngineResult:
-    """Merge every job; results are float32 on the CPU, keyed by job name.
+    """Merge every job; results are on the CPU, keyed by job name.
 
-    on_progress(done, total) is called after each group.
+    The merge runs in float32; up and down come back cast to out_dtype (a float dtype), each
+    value rounded once, as `.to(out_dtype)` of the float32 result would. Asking for the dtype
+    the file is saved in spares a float32 copy of the whole output. on_progress(done, total) is
+    called after each group.
     """
     device = torch.device(device)
     chosen = resolve_backend(backend, device)
@@ -145,11 +158,12 @@ def merge_jobs(
     # (real pair: 40 % median error instead of 8 %), so clamp stock's factors and split after
     split_after_clamp = options.sqrt_split and options.clamps
     backend_options = dataclasses.replace(options, sqrt_split=False) if split_after_clamp else options
+    backend_dtype = torch.float32 if split_after_clamp else out_dtype  # the split needs the float32 result
     start = time.perf_counter()
     results: dict[str, MergedModule] = {}
     for group in group_jobs(jobs):
-        for job, merged in zip(group, run_group(group, backend_options, device)):
-            results[job.name] = balanced(merged) if split_after_clamp else merged
+        for job, merged in zip(group, run_group(group, backend_options, device, backend_dtype)):
+            results[job.name] = cast(balanced(merged), out_dtype) if split_after_clamp else merged
         if on_progress is not None:
             on_progress(len(results), len(jobs))
     if device.type == "cuda":

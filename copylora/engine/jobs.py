@@ -75,8 +75,9 @@ class ModuleJob:
 
 @dataclass
 class MergedModule:
-    """up (out, rank) and down (rank, in_flat), float32; the first `num_singular_values`
-    singular values of W (descending), for reports and dynamic rank."""
+    """up (out, rank) and down (rank, in_flat), float32 unless merge_jobs was asked for another
+    dtype; the first `num_singular_values` singular values of W (descending, float32), for
+    reports and dynamic rank."""
 
     up: torch.Tensor
     down: torch.Tensor

@@ -3,12 +3,14 @@
 The op (schema in csrc/copylora.cpp):
 
     copylora::merge_group(Tensor[] ups, Tensor[] downs, Tensor scales, int[] ranks,
-                          float clamp_quantile, bool sqrt_split) -> (Tensor, Tensor, Tensor)
+                          float clamp_quantile, bool sqrt_split, ScalarType? out_dtype=None)
+                          -> (Tensor, Tensor, Tensor)
 
 merges B modules of one shape class at once. With n inputs per module, ups[b*n + i] is module
 b's input i, (out, r_i); downs[b*n + i] is (r_i, in); all modules share out, in and (r_1..r_n).
-scales is (B, n) float32; ranks[b] is module b's kept rank. It returns up (B, out, K),
-down (B, K, in) and S (B, m), float32, with K = max(ranks), m = min(R, out, in); columns past
+scales is (B, n) float32; ranks[b] is module b's kept rank. It returns up (B, out, K) and
+down (B, K, in) in out_dtype (float32 when None: the result is computed in float32 and cast
+once), and S (B, m) in float32, with K = max(ranks), m = min(R, out, in); columns past
 ranks[b] are zero. The maths and conventions are those of copylora.engine.reference.
 """
 
@@ -56,19 +58,20 @@ def _register_fake() -> None:
     """Shapes without data, for torch.compile / FakeTensor / meta tracing."""
 
     @torch.library.register_fake("copylora::merge_group")
-    def _(ups, downs, scales, ranks, clamp_quantile, sqrt_split):
+    def _(ups, downs, scales, ranks, clamp_quantile, sqrt_split, out_dtype=None):
+        dtype = out_dtype or torch.float32
         modules = len(ranks)
         max_rank = max(ranks, default=0)
         if modules == 0:
-            empty = scales.new_empty((0, 0, max_rank))
-            return empty, scales.new_empty((0, max_rank, 0)), scales.new_empty((0, 0))
+            return (scales.new_empty((0, 0, max_rank), dtype=dtype), scales.new_empty((0, max_rank, 0), dtype=dtype),
+                    scales.new_empty((0, 0)))
         inputs = len(ups) // modules
         out, in_features = ups[0].shape[0], downs[0].shape[1]
         total_rank = sum(d.shape[0] for d in downs[:inputs])
         singular = min(total_rank, out, in_features)
         return (
-            scales.new_empty((modules, out, max_rank)),
-            scales.new_empty((modules, max_rank, in_features)),
+            scales.new_empty((modules, out, max_rank), dtype=dtype),
+            scales.new_empty((modules, max_rank, in_features), dtype=dtype),
             scales.new_empty((modules, singular)),
         )
 
@@ -80,5 +83,6 @@ def merge_group(
     ranks: list[int],
     clamp_quantile: float,
     sqrt_split: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.copylora.merge_group.default(ups, downs, scales, ranks, clamp_quantile, sqrt_split)
+    return torch.ops.copylora.merge_group.default(ups, downs, scales, ranks, clamp_quantile, sqrt_split, out_dtype)

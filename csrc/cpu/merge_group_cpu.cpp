@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <tuple>
 #include <vector>
@@ -270,14 +271,16 @@ struct GroupCall {
   float quantile;
   bool clamps;
   bool sqrt_split;
-  float* up;
-  float* down;
+  at::Tensor up;    // (B, out, K), the op's out_dtype
+  at::Tensor down;  // (B, K, in), likewise
   float* singular;
 };
 
 // Merges modules [begin, end) of the group into their blocks of up, down and singular, on the
 // calling thread: assembles P and Q in float32, decomposes them with batched ATen calls, then
-// writes, sign-fixes and clamps each module.
+// writes, sign-fixes and clamps each module — in place for a float32 output, else in a float32
+// scratch that is converted into the output while it is in cache (no float32 copy of the whole
+// output is ever allocated).
 void merge_batch(const GroupCall& call, int64_t begin, int64_t end) {
   const GroupShape& g = call.g;
   const auto options = at::TensorOptions().dtype(at::kFloat);
@@ -298,35 +301,42 @@ void merge_batch(const GroupCall& call, int64_t begin, int64_t end) {
   const float* s_data = s.const_data_ptr<float>();
   const float* vh_data = vh.const_data_ptr<float>();
   std::copy_n(s_data, count * g.singular, call.singular + begin * g.singular);
+  const bool in_place = call.up.scalar_type() == at::kFloat;
+  at::Tensor up_scratch = in_place ? at::Tensor() : at::empty({g.out, g.max_rank}, options);
+  at::Tensor down_scratch = in_place ? at::Tensor() : at::empty({g.max_rank, g.in}, options);
   std::vector<float> buffer;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t b = begin + i;
-    float* up_b = call.up + b * g.out * g.max_rank;
-    float* down_b = call.down + b * g.max_rank * g.in;
-    // The output is allocated uninitialised: write_factors writes every value of both blocks.
+    float* up_b = in_place ? call.up.data_ptr<float>() + b * g.out * g.max_rank : up_scratch.data_ptr<float>();
+    float* down_b = in_place ? call.down.data_ptr<float>() + b * g.max_rank * g.in : down_scratch.data_ptr<float>();
+    // Both blocks are uninitialised: write_factors writes every value of them.
     write_factors(g, u_data + i * g.out * kk, s_data + i * g.singular, vh_data + i * kk * g.in, kk,
                   std::min(call.ranks[b], g.singular), call.sqrt_split, up_b, down_b);
     if (call.clamps) {
       clamp_module(g, call.ranks[b], call.quantile, up_b, down_b, buffer);
+    }
+    if (!in_place) {
+      call.up.select(0, b).copy_(up_scratch);
+      call.down.select(0, b).copy_(down_scratch);
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cpu(
     at::TensorList ups, at::TensorList downs, const at::Tensor& scales, at::IntArrayRef ranks,
-    double clamp_quantile, bool sqrt_split) {
+    double clamp_quantile, bool sqrt_split, std::optional<at::ScalarType> out_dtype) {
   const GroupShape g = check_group(ups, downs, scales, ranks, clamp_quantile);
   const auto options = scales.options().dtype(at::kFloat);
-  at::Tensor up = at::empty({g.modules, g.out, g.max_rank}, options);
-  at::Tensor down = at::empty({g.modules, g.max_rank, g.in}, options);
+  const auto out_options = options.dtype(check_out_dtype(out_dtype));
+  at::Tensor up = at::empty({g.modules, g.out, g.max_rank}, out_options);
+  at::Tensor down = at::empty({g.modules, g.max_rank, g.in}, out_options);
   at::Tensor singular = at::empty({g.modules, g.singular}, options);
   if (g.modules == 0) {
     return {up, down, singular};
   }
   const at::Tensor scales_c = scales.contiguous();
   const GroupCall call{g, ups, downs, scales_c.const_data_ptr<float>(), ranks, static_cast<float>(clamp_quantile),
-                       clamp_quantile < 1.0, sqrt_split, up.data_ptr<float>(), down.data_ptr<float>(),
-                       singular.data_ptr<float>()};
+                       clamp_quantile < 1.0, sqrt_split, up, down, singular.data_ptr<float>()};
   const int64_t batch = batch_modules(g);
   // One parallel region per group: each thread takes its share of the modules and works through
   // it in batches, its MKL held to one thread (MKL's own threading misbehaves when entered from

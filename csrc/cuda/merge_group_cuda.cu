@@ -12,6 +12,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -449,8 +450,9 @@ __global__ void clamp_kernel(const int64_t* __restrict__ ranks, int64_t out, int
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
     at::TensorList ups, at::TensorList downs, const at::Tensor& scales, at::IntArrayRef ranks,
-    double clamp_quantile, bool sqrt_split) {
+    double clamp_quantile, bool sqrt_split, std::optional<at::ScalarType> out_dtype) {
   const GroupShape g = check_group(ups, downs, scales, ranks, clamp_quantile);
+  const at::ScalarType dtype = check_out_dtype(out_dtype);
   TORCH_CHECK(g.modules <= kMaxModules, "merge_group: at most ", kMaxModules, " modules per call on CUDA, got ",
               g.modules);
   const c10::cuda::CUDAGuard guard(scales.device());
@@ -460,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   at::Tensor down = at::zeros({g.modules, g.max_rank, g.in}, options);
   at::Tensor singular = at::zeros({g.modules, g.singular}, options);
   if (g.modules == 0) {
-    return {up, down, singular};
+    return {up.to(dtype), down.to(dtype), singular};
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor p = at::empty({g.modules, g.out, g.total_rank}, options);
@@ -484,7 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
         up.data_ptr<float>(), down.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {up, down, singular};
+  // On the GPU the float32 result is transient device memory: one cast per group suffices.
+  return {up.to(dtype), down.to(dtype), singular};
 }
 
 }  // namespace
