@@ -31,7 +31,7 @@ import copylora.openmp_wait  # noqa: E402,F401  (the commands' OpenMP setting, b
 import torch  # noqa: E402
 from copylora.engine import merge_jobs, reference  # noqa: E402
 from copylora.engine.jobs import ModuleJob, SvdOptions  # noqa: E402
-from copylora.heap_reuse import keep_freed_memory  # noqa: E402
+from copylora.command_process import keep_freed_memory  # noqa: E402
 from common import manifest_modules  # noqa: E402
 
 README = HERE / "README.md"

@@ -25,9 +25,12 @@ REAL_PAIR = SHARED / "golden" / "real_sd15"
 MANIFEST_DIRS = (REPO / "tests" / "data" / "kohya" / "manifests", SHARED / "kohya" / "manifests")
 
 # The I/O floor: import torch, load the inputs, write a file of the output's size. No merge can beat it.
+# It sets up its process as the commands do (copylora/command_process.py: heap, frozen startup objects).
 FLOOR = """
 import sys, torch
 from safetensors.torch import load_file, save_file
+from copylora.command_process import prepare
+prepare()
 inputs = [load_file(p) for p in sys.argv[1:-2]]
 n = int(sys.argv[-1]) // 2
 save_file({"x": torch.zeros(n, dtype=torch.float16)}, sys.argv[-2])

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's scripts run without it)
-from copylora import copy_machine_report, preview
+from copylora import command_process, copy_machine_report, preview
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import CopyloraError, run_cli
-from copylora.heap_reuse import keep_freed_memory
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
 from copylora.train import accelerate_args, add_kohya_arguments, setup, warn
@@ -225,7 +224,7 @@ def _bake_unless_settled(jobs: dict[str, kohya_job.TrainJob], baking: kohya_bake
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keep_freed_memory()
+    command_process.prepare()
     return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
+from copylora import command_process
 from copylora.cli_help import DefaultsHelpFormatter
 from copylora.dynamic_rank import DYNAMIC_METHODS
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
-from copylora.heap_reuse import keep_freed_memory
 from copylora.merge import configure_logging
 from copylora.progress import ModuleProgress
 from copylora.svd_resize import ResizedModule, ResizeRequest, ResizeSummary, resize_file
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keep_freed_memory()
+    command_process.prepare()
     return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
