@@ -64,6 +64,11 @@ def network_metadata(
     return metadata
 
 
+# What build_metadata puts where the sshs_* hashes go: values of their final length, which
+# write_lora replaces with weight_hashes() of the data it writes (computed while writing it).
+HASH_PLACEHOLDERS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+
+
 def weight_hashes(
     tensors: Mapping[str, torch.Tensor] | SerializedTensors, metadata: Mapping[str, str]
 ) -> dict[str, str]:

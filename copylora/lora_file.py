@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -354,15 +355,22 @@ def _umask() -> int:
     return mask
 
 
+DataHashes = Callable[["SerializedTensors", Mapping[str, str]], Mapping[str, str]]
+
+
 def write_lora(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None,
     serialized: SerializedTensors | None = None,
+    data_hashes: DataHashes | None = None,
 ) -> None:
     """Write a LoRA like stock: safetensors with metadata, or torch.save for .ckpt/.pt/.pth.
 
-    serialized: `tensors` already serialized (for their hashes), written as they are.
+    serialized: `tensors` already serialized, written as they are.
+    data_hashes(serialized, metadata): metadata values that are hashes of the data (kohya's
+    sshs_*). They are computed in a thread while the data is written, and replace placeholders
+    of the same length in `metadata`; the header, which holds them, is written last.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -370,10 +378,17 @@ def write_lora(
         layout = serialized or SerializedTensors.of(tensors)
 
         def write(tmp: str) -> None:
-            with open(tmp, "wb") as handle:
-                handle.write(layout.header(metadata))
-                for chunk in layout.chunks:
+            header_size = len(layout.header(metadata))
+            with open(tmp, "wb") as handle, ThreadPoolExecutor(max_workers=1) as hashing:
+                hashes = hashing.submit(data_hashes, layout, metadata or {}) if data_hashes else None
+                handle.seek(header_size)
+                for chunk in layout.chunks:  # hashlib and the writes both let go of the GIL
                     handle.write(chunk)
+                header = layout.header({**(metadata or {}), **hashes.result()} if hashes else metadata)
+                if len(header) != header_size:
+                    raise ValueError(f"{path}: a hash longer than its placeholder changed the header's size")
+                handle.seek(0)
+                handle.write(header)
                 handle.flush()
                 os.fsync(handle.fileno())
 

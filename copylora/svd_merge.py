@@ -30,7 +30,6 @@ from copylora.lora_file import (
     SAFETENSORS_SUFFIXES,
     LoraFile,
     LoraModule,
-    SerializedTensors,
     read_lora,
     write_lora,
 )
@@ -263,7 +262,8 @@ def output_tensors(
     return tensors
 
 
-def build_metadata(request: MergeRequest, files: list[LoraFile], serialized: SerializedTensors) -> dict[str, str]:
+def build_metadata(request: MergeRequest, files: list[LoraFile]) -> dict[str, str]:
+    """The file's metadata, with placeholders for the sshs_* hashes of its data (write_lora fills them)."""
     base = kohya_metadata.BaseModelInfo.from_metadata([f.metadata for f in files])
     conv_rank = request.conv_rank
     if request.dynamic:
@@ -279,7 +279,7 @@ def build_metadata(request: MergeRequest, files: list[LoraFile], serialized: Ser
         metadata = kohya_metadata.network_metadata(
             base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
         )
-    metadata.update(kohya_metadata.weight_hashes(serialized, metadata))
+    metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
     if not request.no_metadata:
         if base.is_v2:
             logger.warning("a LoRA does not say whether it is v-prediction; saving modelspec as v-prediction, like stock")
@@ -390,10 +390,9 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
         fidelity = totals_line(total, request.save_precision or request.precision)
     result.modules.clear()  # the engine's batches: the file's tensors hold what they need of them
     logger.info("calculating hashes and creating metadata...")
-    serialized = SerializedTensors.of(tensors)  # once: hashed, then written
-    metadata = build_metadata(request, files, serialized)
+    metadata = build_metadata(request, files)
     logger.info("saving model to: %s", request.save_to)
-    write_lora(request.save_to, tensors, metadata, serialized)
+    write_lora(request.save_to, tensors, metadata, data_hashes=kohya_metadata.weight_hashes)
     return MergeSummary(
         output=Path(request.save_to),
         backend=result.backend,

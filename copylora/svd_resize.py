@@ -29,7 +29,7 @@ from copylora import kohya_metadata
 from copylora.dynamic_rank import dynamic_rank, is_zero_spectrum, validate_dynamic
 from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.errors import CopyloraError
-from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, SerializedTensors, read_lora, write_lora
+from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, read_lora, write_lora
 from copylora.svd_merge import DYNAMIC, PRECISIONS, PlannedModule, RankFlags, apply_ranks, validate_device, validate_output
 from copylora.uniform_alpha import common_alpha, folded_up
 
@@ -182,10 +182,9 @@ def output_tensors(
     return tensors
 
 
-def build_metadata(
-    request: ResizeRequest, lora: LoraFile, written_alpha: float, serialized: SerializedTensors
-) -> dict[str, str]:
-    """The input's metadata with resize_lora's rewritten keys and fresh hashes.
+def build_metadata(request: ResizeRequest, lora: LoraFile, written_alpha: float) -> dict[str, str]:
+    """The input's metadata with resize_lora's rewritten keys and placeholders for fresh hashes
+    of the data (write_lora fills them).
 
     written_alpha: the alpha written for the last module, which stock reports as the file's.
     """
@@ -203,7 +202,7 @@ def build_metadata(
         metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {request.new_rank}{conv}; {comment}"
         metadata["ss_network_dim"] = str(request.new_rank)
         metadata["ss_network_alpha"] = str(written_alpha)
-    metadata.update(kohya_metadata.weight_hashes(serialized, metadata))
+    metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
     return metadata
 
 
@@ -216,18 +215,21 @@ def resize_file(request: ResizeRequest, on_progress: Callable[[int, int], None] 
     planned = plan_modules(lora, request)
     logger.info("new rank: %d, new conv rank: %d; resizing %d modules", request.new_rank, request.conv_rank, len(planned))
     device = request.device or "cpu"
-    result = merge_jobs([p.job for p in planned], NO_CLAMP, backend=request.backend, device=device, on_progress=on_progress)
+    save_dtype = PRECISIONS[request.save_precision] if request.save_precision else torch.float32
+    # Without a clamp a smaller rank is a prefix of the same factors, so they can come back in the
+    # saved dtype; only folding a shared alpha into up needs them in float32 first.
+    out_dtype = torch.float32 if request.uniform_alpha else save_dtype
+    result = merge_jobs([p.job for p in planned], NO_CLAMP, backend=request.backend, device=device,
+                        on_progress=on_progress, out_dtype=out_dtype)
     planned = apply_ranks(planned, result, rank_rule(request), NO_CLAMP, request.backend, device)
 
-    save_dtype = PRECISIONS[request.save_precision] if request.save_precision else torch.float32
     resized = resized_modules(lora, planned, result.modules)
     shared_alpha = common_alpha([r.alpha for r in resized]) if request.uniform_alpha else None
     tensors = output_tensors(lora, planned, result.modules, resized, save_dtype, shared_alpha)
-    result.modules.clear()  # the engine's float32 factors: not needed past this point
-    serialized = SerializedTensors.of(tensors)  # once: hashed, then written
-    metadata = build_metadata(request, lora, resized[-1].alpha if shared_alpha is None else shared_alpha, serialized)
+    result.modules.clear()  # the engine's batches: the file's tensors hold what they need of them
+    metadata = build_metadata(request, lora, resized[-1].alpha if shared_alpha is None else shared_alpha)
     logger.info("saving model to: %s", request.save_to)
-    write_lora(request.save_to, tensors, metadata, serialized)
+    write_lora(request.save_to, tensors, metadata, data_hashes=kohya_metadata.weight_hashes)
     return ResizeSummary(
         output=Path(request.save_to),
         backend=result.backend,

@@ -202,3 +202,23 @@ def test_bad_files(tmp_path, lora, capsys):
     assert resize("--model", tmp_path / "loha.safetensors", "--save_to", tmp_path / "o.safetensors") == 2
     assert "LyCORIS LoHa" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra", [("--save_precision", "fp16"), ("--save_precision", "bf16"), (),
+                                   ("--save_precision", "fp16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9")])
+def test_factors_in_the_saved_dtype_from_the_engine_match_casting_after(tmp_path, monkeypatch, extra):
+    """The engine hands resize its factors in the saved dtype: exactly what casting its float32
+    result after the rank is chosen gives (no clamp, so a smaller rank is a prefix)."""
+    import copylora.svd_resize
+    from copylora.engine import merge_jobs
+
+    model = tmp_path / "in.safetensors"
+    write_lora(model, random_lora(SMALL, 8, 4.0, 3), {})
+    resize("--model", model, "--new_rank", "4", "--save_to", tmp_path / "direct.safetensors", *extra)
+    monkeypatch.setattr(copylora.svd_resize, "merge_jobs",
+                        lambda *args, **kwargs: merge_jobs(*args, **{**kwargs, "out_dtype": torch.float32}))
+    resize("--model", model, "--new_rank", "4", "--save_to", tmp_path / "float32.safetensors", *extra)
+    direct, through_float32 = load_file(str(tmp_path / "direct.safetensors")), load_file(str(tmp_path / "float32.safetensors"))
+    assert direct.keys() == through_float32.keys()
+    for key, tensor in direct.items():
+        assert tensor.dtype == through_float32[key].dtype and torch.equal(tensor, through_float32[key]), key

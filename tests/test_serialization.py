@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from copylora.kohya_metadata import LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, weight_hashes
+from copylora.kohya_metadata import HASH_PLACEHOLDERS, LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, weight_hashes
 from copylora.lora_file import SerializedTensors, write_lora
 
 METADATA = {
@@ -68,6 +68,26 @@ def test_written_bytes_and_hashes_are_unchanged(tmp_path, elements):
     assert path.read_bytes() == canonicalised_twice_serialized(values, METADATA)
     write_lora(tmp_path / "again.safetensors", values, METADATA)  # serialized on its own: same bytes
     assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("elements", [10, 70_000, 300_000], ids=["tiny", "window-straddles", "large"])
+def test_hashes_computed_while_writing_are_those_of_the_written_file(tmp_path, elements):
+    """write_lora(data_hashes=weight_hashes) fills the placeholders with the hashes of what it wrote:
+    the same file as writing metadata whose hashes were computed first."""
+    values = tensors(elements)
+    serialized = SerializedTensors.of(values)
+    write_lora(tmp_path / "while.safetensors", values, {**METADATA, **HASH_PLACEHOLDERS}, data_hashes=weight_hashes)
+    write_lora(tmp_path / "first.safetensors", values, {**METADATA, **weight_hashes(serialized, METADATA)})
+    assert (tmp_path / "while.safetensors").read_bytes() == (tmp_path / "first.safetensors").read_bytes()
+
+
+def test_a_hash_longer_than_its_placeholder_writes_nothing(tmp_path):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="longer than its placeholder"):
+        write_lora(path, tensors(10), {**METADATA, **HASH_PLACEHOLDERS},
+                   data_hashes=lambda layout, metadata: {"sshs_legacy_hash": "0" * 80})
+    assert path.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 def test_header_longer_than_the_legacy_offset(tmp_path):
