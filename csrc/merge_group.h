@@ -134,13 +134,20 @@ COPYLORA_HOST_DEVICE inline float* clamp_element(float* up, float* down, int64_t
 inline constexpr const char* kNonFiniteFactor =
     "merge_group: a factor contains NaN or Inf (or overflowed float32 when scaled)";
 
+// The batched reduced QR every device can use: Householder, through ATen.
+inline std::tuple<at::Tensor, at::Tensor> householder_qr(const at::Tensor& matrices) {
+  return at::linalg_qr(matrices);
+}
+
 // W's thin SVD for a batch of modules from their stacked factors P (B, out, R) and Q (B, R, in):
 // U (B, out, kk), S (B, m), Vh (B, kk, in), all contiguous. Dense when R >= min(out, in), where W
 // is no bigger than the factors; otherwise W = Qp (Rp Rq^T) Qq^T, so the SVD of the small R x R
-// core gives W's. batched_svd is the device's batched thin SVD (of W when dense, else the cores).
-template <typename BatchedSvd>
+// core gives W's. batched_qr is a batched reduced QR (Q orthonormal, R upper triangular);
+// batched_svd the device's batched thin SVD (of W when dense, else the cores).
+template <typename BatchedQr, typename BatchedSvd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd(const GroupShape& g, const at::Tensor& p,
-                                                            const at::Tensor& q, BatchedSvd batched_svd) {
+                                                            const at::Tensor& q, BatchedQr batched_qr,
+                                                            BatchedSvd batched_svd) {
   const int64_t kk = g.computed;
   at::Tensor u, s, vh;
   if (g.dense) {
@@ -149,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factored_svd(const GroupShape& g,
     s = s_w.narrow(1, 0, g.singular);
     vh = vh_w.narrow(1, 0, kk);
   } else {
-    auto [q_p, r_p] = at::linalg_qr(p);
-    auto [q_q, r_q] = at::linalg_qr(q.transpose(1, 2));
+    auto [q_p, r_p] = batched_qr(p);
+    auto [q_q, r_q] = batched_qr(q.transpose(1, 2));
     auto [u_c, s_c, vh_c] = batched_svd(at::bmm(r_p, r_q.transpose(1, 2)).contiguous());
     u = at::bmm(q_p, u_c.narrow(2, 0, kk));
     s = s_c;

@@ -160,6 +160,22 @@ def test_empty_and_single_module():
 
 
 @requires_ext
+@pytest.mark.parametrize("condition", [1e1, 1e3, 3e3, 1e4, 1e5, 1e8])
+def test_ill_conditioned_factors(condition):
+    """Ups and downs with graded spectra (the CPU kernel's Cholesky-QR takes the well-conditioned
+    ones and hands the rest to Householder; its threshold sits near 1e3)."""
+    gen = torch.Generator().manual_seed(int(condition) % 1000)
+    jobs = []
+    for index, (out, in_features) in enumerate([(320, 320), (1280, 2048), (640, 5760)]):
+        graded = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 16)
+        basis_up = torch.linalg.qr(torch.randn(out, 16, generator=gen))[0]
+        basis_down = torch.linalg.qr(torch.randn(in_features, 16, generator=gen))[0]
+        up, down = basis_up * graded, (basis_down * graded.flip(0)).T
+        jobs.append(ModuleJob(f"m{index}", [up[:, :8], up[:, 8:]], [down[:8], down[8:]], [1.0, -1.0], 16))
+    assert_backend_matches(jobs, SvdOptions(), run_ext)
+
+
+@requires_ext
 def test_cancelling_inputs_and_zero_modules():
     """B − A with B ≈ A (the copy-machine case) and an all-zero module, as in real files."""
     gen = torch.Generator().manual_seed(3)

@@ -471,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
 
   const int64_t kk = g.computed;
-  auto [u, s, vh] = factored_svd(g, p, q, batched_svd);  // (B, out, kk), (B, m), (B, kk, in)
+  auto [u, s, vh] = factored_svd(g, p, q, householder_qr, batched_svd);  // (B, out, kk), (B, m), (B, kk, in)
   singular.copy_(s);
 
   const at::Tensor device_ranks = at::tensor(ranks, at::TensorOptions().dtype(at::kLong)).to(scales.device());
