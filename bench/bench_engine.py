@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
     that loop clamping with torch.quantile (a full sort), the loop the engine was first measured
     against.
     """
-    keep_freed_memory()  # as the commands do (copylora.command_process)
+    keep_freed_memory()  # the commands' heap setting (copylora.command_process)
     jobs = manifest_jobs(args.variant, [int(r) for r in args.ranks.split(",")], args.new_rank)
     options = SvdOptions()
     if args.backend in ("torch-loop", "torch-sort"):

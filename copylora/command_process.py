@@ -12,8 +12,8 @@ Two settings that make a short-lived process that has imported torch faster, and
   (gc.freeze): each full collection during the run, and the one at interpreter exit, skips them.
   That was about 0.1 s of collections during an SDXL merge and 0.4 s of the exit.
 
-bench/README.md has the measurements; its I/O floor makes the same gc.freeze() call, so the
-floor stays a floor.
+bench/README.md has the measurements; its I/O floor calls prepare() too, so the floor stays a
+floor.
 """
 
 from __future__ import annotations

@@ -377,14 +377,16 @@ def write_lora(
     if suffix in SAFETENSORS_SUFFIXES:
         layout = serialized or SerializedTensors.of(tensors)
 
+        given = dict(metadata or {})
+
         def write(tmp: str) -> None:
-            header_size = len(layout.header(metadata))
+            header_size = len(layout.header(given))
             with open(tmp, "wb") as handle, ThreadPoolExecutor(max_workers=1) as hashing:
-                hashes = hashing.submit(data_hashes, layout, metadata or {}) if data_hashes else None
+                hashes = hashing.submit(data_hashes, layout, given) if data_hashes else None
                 handle.seek(header_size)
                 for chunk in layout.chunks:  # hashlib and the writes both let go of the GIL
                     handle.write(chunk)
-                header = layout.header({**(metadata or {}), **hashes.result()} if hashes else metadata)
+                header = layout.header({**given, **hashes.result()} if hashes else given)
                 if len(header) != header_size:
                     raise ValueError(f"{path}: a hash longer than its placeholder changed the header's size")
                 handle.seek(0)

@@ -224,11 +224,16 @@ def shared_alpha(planned: list[PlannedModule], request: MergeRequest) -> int | N
     return int(common_alpha([p.job.rank for p in planned]))
 
 
+def rounds_once(merge_dtype: torch.dtype, save_dtype: torch.dtype) -> bool:
+    """Whether stock's float32 → merge dtype → save dtype casts of a result round it only once."""
+    return merge_dtype in (torch.float32, save_dtype)
+
+
 def engine_output_dtype(request: MergeRequest, merge_dtype: torch.dtype, save_dtype: torch.dtype) -> torch.dtype:
     """The dtype the engine hands the merged factors back in: the saved dtype where they go to the
-    file as they are and stock's float32 → merge dtype → save dtype casts round only once; else
-    float32, for the steps that still work on them (dynamic ranks, shared alpha, --report)."""
-    if request.dynamic or request.report or merge_dtype not in (torch.float32, save_dtype):
+    file as they are and stock's casts round only once; else float32, for the steps that still
+    work on them (dynamic ranks, shared alpha, --report)."""
+    if request.dynamic or request.report or not rounds_once(merge_dtype, save_dtype):
         return torch.float32
     return save_dtype
 
@@ -236,7 +241,7 @@ def engine_output_dtype(request: MergeRequest, merge_dtype: torch.dtype, save_dt
 def as_saved(factor: torch.Tensor, merge_dtype: torch.dtype, save_dtype: torch.dtype) -> torch.Tensor:
     """stock's rounding of a float32 result: to the merge dtype, then to the save dtype. A factor
     the engine already returned in the save dtype (engine_output_dtype) was rounded that way."""
-    if factor.dtype == save_dtype and merge_dtype in (torch.float32, save_dtype):
+    if factor.dtype == save_dtype and rounds_once(merge_dtype, save_dtype):
         return factor
     return factor.to(merge_dtype).to(save_dtype)
 
