@@ -110,6 +110,16 @@ def test_linear_quantile_equals_torch_quantile(n, q, seed):
     assert torch.equal(linear_quantile(values, q), torch.quantile(values, q))
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 6), st.floats(0.0, 1.0), st.integers(0, 2**31))
+def test_linear_quantile_with_repeated_values_in_rows(n, distinct, q, seed):
+    """The upper neighbour is found without a second selection: rows of few distinct values
+    (ties at and around the quantile's position) must still give torch.quantile's value per row."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, distinct, (3, n), generator=gen).float() * 0.5 - 1.0
+    assert torch.equal(linear_quantile(values, q), torch.quantile(values, q, dim=-1))
+
+
 def test_linear_quantile_beyond_torch_quantile_limit():
     """torch.quantile refuses > 2**24 elements (sd-scripts#1485); selection has no limit."""
     n = 2**24 + 3

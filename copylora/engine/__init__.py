@@ -114,9 +114,7 @@ def _run_group_torch(
     results = []
     with float32_matmul(device):
         for begin in range(0, len(group), size):
-            for merged in reference.merge_batch(group[begin : begin + size], options, device):
-                results.append(MergedModule(merged.up.to("cpu", out_dtype), merged.down.to("cpu", out_dtype),
-                                            merged.singular_values.cpu()))
+            results.extend(reference.merge_batch(group[begin : begin + size], options, device, out_dtype))
     return results
 
 

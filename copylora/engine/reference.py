@@ -21,12 +21,26 @@ from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.engine.quantile import linear_quantile
 
 
+def stacked_batch(jobs: list[ModuleJob], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """P (B×out×R) with the scales folded in and Q (B×R×in) of same-shaped jobs, in float32.
+
+    A few whole-batch operations per input rather than several per module: on a CPU each
+    copy above 32k values is its own OpenMP region, and waking sleeping threads for hundreds of
+    small copies cost the torch backend more than the copies themselves.
+    """
+    device = device or jobs[0].ups[0].device
+    scales = torch.tensor([job.scales for job in jobs], dtype=torch.float32, device=device)
+    ups, downs = [], []
+    for i in range(len(jobs[0].ups)):
+        ups.append(torch.stack([job.ups[i] for job in jobs]).to(device, torch.float32) * scales[:, i, None, None])
+        downs.append(torch.stack([job.downs[i] for job in jobs]).to(device, torch.float32))
+    return torch.cat(ups, dim=-1), torch.cat(downs, dim=-2)
+
+
 def stacked_factors(job: ModuleJob, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """P (out×R) with the scales folded in, and Q (R×in), in float32."""
-    device = device or job.ups[0].device
-    p = torch.cat([u.to(device, torch.float32) * s for u, s in zip(job.ups, job.scales)], dim=1)
-    q = torch.cat([d.to(device, torch.float32) for d in job.downs], dim=0)
-    return p, q
+    p, q = stacked_batch([job], device)
+    return p[0], q[0]
 
 
 # The steps below take one module's tensors or a batch of same-shaped modules' (leading dims).
@@ -96,20 +110,27 @@ def merge_module(job: ModuleJob, options: SvdOptions) -> MergedModule:
     return MergedModule(up=up, down=down, singular_values=s)
 
 
-def merge_batch(jobs: list[ModuleJob], options: SvdOptions, device: torch.device | str) -> list[MergedModule]:
+def merge_batch(
+    jobs: list[ModuleJob], options: SvdOptions, device: torch.device | str, out_dtype: torch.dtype = torch.float32
+) -> list[MergedModule]:
     """merge_module's steps for same-shaped jobs (equal group_key) at once, with torch's batched
-    QR/SVD: one call per step instead of one per module (~1000 small cuSOLVER calls for SD1.5)."""
-    factors = [stacked_factors(job, device) for job in jobs]
-    u, s, vh = thin_svd(torch.stack([p for p, _ in factors]), torch.stack([q for _, q in factors]))
+    QR/SVD: one call per step instead of one per module (~1000 small cuSOLVER calls for SD1.5).
+    Results come back on the CPU, up and down in out_dtype (one cast per batch)."""
+    u, s, vh = thin_svd(*stacked_batch(jobs, device))
     u, vh = fix_signs(u, vh)
+    singular_values = s.cpu()
     merged: list[MergedModule | None] = [None] * len(jobs)
     for rank in sorted({job.rank for job in jobs}):  # the kept rank may differ inside a group
         members = [i for i, job in enumerate(jobs) if job.rank == rank]
-        index = torch.tensor(members, device=u.device)
-        up, down = lora_factors(u[index], s[index], vh[index], rank, options.sqrt_split)
+        if len(members) == len(jobs):  # the usual case: no copy of the whole batch
+            up, down = lora_factors(u, s, vh, rank, options.sqrt_split)
+        else:
+            index = torch.tensor(members, device=u.device)
+            up, down = lora_factors(u[index], s[index], vh[index], rank, options.sqrt_split)
         up, down = clamp_joint(up, down, options.clamp_quantile)
+        up, down = up.to("cpu", out_dtype), down.to("cpu", out_dtype)
         for row, i in enumerate(members):
-            merged[i] = MergedModule(up=up[row], down=down[row], singular_values=s[i])
+            merged[i] = MergedModule(up=up[row], down=down[row], singular_values=singular_values[i])
     return merged  # type: ignore[return-value]
 
 
