@@ -159,11 +159,15 @@ def test_empty_and_single_module():
     assert_backend_matches([job], SvdOptions(), run_ext)
 
 
-@requires_ext
-@pytest.mark.parametrize("condition", [1e1, 1e3, 3e3, 1e4, 1e5, 1e8])
-def test_ill_conditioned_factors(condition):
-    """Ups and downs with graded spectra (the CPU kernel's Cholesky-QR takes the well-conditioned
-    ones and hands the rest to Householder; its threshold sits near 1e3)."""
+BACKENDS = [pytest.param(run_ext, id="ext", marks=requires_ext), pytest.param(run_torch, id="torch")]
+
+
+CONDITIONS = pytest.mark.parametrize("condition", [1e1, 1e3, 3e3, 1e4, 1e5, 1e8])
+
+
+def ill_conditioned_jobs(condition: float) -> list[ModuleJob]:
+    """Ups and downs with graded spectra (Cholesky-QR takes the well-conditioned ones and hands
+    the rest to Householder; the threshold sits near 1e3)."""
     gen = torch.Generator().manual_seed(int(condition) % 1000)
     jobs = []
     for index, (out, in_features) in enumerate([(320, 320), (1280, 2048), (640, 5760)]):
@@ -172,11 +176,17 @@ def test_ill_conditioned_factors(condition):
         basis_down = torch.linalg.qr(torch.randn(in_features, 16, generator=gen))[0]
         up, down = basis_up * graded, (basis_down * graded.flip(0)).T
         jobs.append(ModuleJob(f"m{index}", [up[:, :8], up[:, 8:]], [down[:8], down[8:]], [1.0, -1.0], 16))
-    assert_backend_matches(jobs, SvdOptions(), run_ext)
+    return jobs
 
 
-@requires_ext
-def test_cancelling_inputs_and_zero_modules():
+@pytest.mark.parametrize("run", BACKENDS)
+@CONDITIONS
+def test_ill_conditioned_factors(condition, run):
+    assert_backend_matches(ill_conditioned_jobs(condition), SvdOptions(), run)
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+def test_cancelling_inputs_and_zero_modules(run):
     """B − A with B ≈ A (the copy-machine case) and an all-zero module, as in real files."""
     gen = torch.Generator().manual_seed(3)
     a = random_job(gen, "a", 320, 768, (8,), [1.0], 8)
@@ -184,8 +194,8 @@ def test_cancelling_inputs_and_zero_modules():
     b_down = a.downs[0] + 1e-3 * torch.randn(a.downs[0].shape, generator=gen)
     near = ModuleJob("near", [b_up, a.ups[0]], [b_down, a.downs[0]], [1.0, -1.0], 16)
     zero = ModuleJob("zero", [torch.zeros(320, 8), torch.zeros(320, 8)], [b_down, a.downs[0]], [1.0, -1.0], 16)
-    assert_backend_matches([near, zero], SvdOptions(), run_ext)
-    merged = run_ext([zero], SvdOptions())["zero"]
+    assert_backend_matches([near, zero], SvdOptions(), run)
+    merged = run([zero], SvdOptions())["zero"]
     assert torch.count_nonzero(merged.up) == 0 and torch.count_nonzero(merged.singular_values) == 0
 
 

@@ -1,7 +1,8 @@
 """The torch backend on a GPU against the reference (skipped without one).
 
 It is what `--device cuda` runs where copylora._C has no CUDA kernels (a Kohya's GUI install has
-no nvcc), so it needs no extension. Batched per shape group, with torch's cuSOLVER calls.
+no nvcc), so it needs no extension. Batched per shape group: Cholesky-QR (cuSOLVER's Householder
+QR where it fails), cuSOLVER's SVD.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from tests.backend_compare import assert_backend_matches
 from tests.conftest import GoldenCase, golden_params
 from tests.test_cuda import CORE_SIZES, core_size_jobs
-from tests.test_engine import cancelling_jobs, golden_jobs
+from tests.test_engine import CONDITIONS, cancelling_jobs, golden_jobs, ill_conditioned_jobs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
@@ -37,3 +38,8 @@ def test_golden_modules(case: GoldenCase):
 
 def test_cancelling_pairs():
     assert_backend_matches(cancelling_jobs(), SvdOptions(), run_torch_cuda)
+
+
+@CONDITIONS
+def test_ill_conditioned_factors(condition):
+    assert_backend_matches(ill_conditioned_jobs(condition), SvdOptions(), run_torch_cuda)

@@ -15,6 +15,8 @@ Conventions shared with the extension (copylora._C), so all backends agree bit-f
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
@@ -56,16 +58,51 @@ def small_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
-def thin_svd(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (out×m), S (m), Vh (m×in) of W = p @ q, with m = min(R, out, in)."""
+QrFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# The largest |QᵀQ − I| after Cholesky-QR's first pass that its second pass still corrects to
+# orthonormal in float32 (the C++ kernel's threshold too); a matrix beyond it goes to Householder.
+CHOLESKY_QR_DEVIATION = 0.1
+
+
+def cholesky_qr2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a batch of tall matrices (B×n×R) by Cholesky-QR twice, as the C++ kernel does.
+
+    Two Gram products, two small Cholesky factorisations and products with the small inverses:
+    batched BLAS-3 that runs on every thread, where torch's Householder QR on a CPU is one LAPACK
+    call per matrix. Matrices whose Cholesky fails (rank-deficient or all-zero factors) or whose
+    first pass is far from orthonormal (ill-conditioned ones) get torch.linalg.qr instead.
+    """
+    def times_inverse_transpose(x: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+        identity = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device).expand_as(lower)
+        return x @ torch.linalg.solve_triangular(lower, identity, upper=False).mT
+
+    l1, info1 = torch.linalg.cholesky_ex(a.mT @ a)
+    q1 = times_inverse_transpose(a, l1)
+    gram = q1.mT @ q1
+    l2, info2 = torch.linalg.cholesky_ex(gram)
+    q, r = times_inverse_transpose(q1, l2), l2.mT @ l1.mT
+    deviation = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().amax(dim=(-2, -1))
+    failed = (info1 != 0) | (info2 != 0) | deviation.isnan() | (deviation > CHOLESKY_QR_DEVIATION)
+    redo = failed.nonzero().squeeze(-1)
+    if redo.numel() > 0:
+        q[redo], r[redo] = torch.linalg.qr(a[redo])
+    return q, r
+
+
+def thin_svd(
+    p: torch.Tensor, q: torch.Tensor, qr: QrFunction = torch.linalg.qr
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (out×m), S (m), Vh (m×in) of W = p @ q, with m = min(R, out, in). `qr` factors the
+    tall p and qᵀ: Householder for the reference; cholesky_qr2 for batches (leading dims)."""
     out_features, total_rank = p.shape[-2:]
     in_features = q.shape[-1]
     m = min(total_rank, out_features, in_features)
     if total_rank >= min(out_features, in_features):
         u, s, vh = small_svd(p @ q)
         return u[..., :m], s[..., :m], vh[..., :m, :]
-    q_p, r_p = torch.linalg.qr(p)
-    q_q, r_q = torch.linalg.qr(q.mT)
+    q_p, r_p = qr(p)
+    q_q, r_q = qr(q.mT)
     u_c, s, vh_c = small_svd(r_p @ r_q.mT)
     return q_p @ u_c, s, vh_c @ q_q.mT
 
@@ -113,10 +150,10 @@ def merge_module(job: ModuleJob, options: SvdOptions) -> MergedModule:
 def merge_batch(
     jobs: list[ModuleJob], options: SvdOptions, device: torch.device | str, out_dtype: torch.dtype = torch.float32
 ) -> list[MergedModule]:
-    """merge_module's steps for same-shaped jobs (equal group_key) at once, with torch's batched
-    QR/SVD: one call per step instead of one per module (~1000 small cuSOLVER calls for SD1.5).
+    """merge_module's steps for same-shaped jobs (equal group_key) at once, batched: one call per
+    step instead of one per module (~1000 small cuSOLVER calls for SD1.5), the QRs by Cholesky-QR.
     Results come back on the CPU, up and down in out_dtype (one cast per batch)."""
-    u, s, vh = thin_svd(*stacked_batch(jobs, device))
+    u, s, vh = thin_svd(*stacked_batch(jobs, device), qr=cholesky_qr2)
     u, vh = fix_signs(u, vh)
     singular_values = s.cpu()
     merged: list[MergedModule | None] = [None] * len(jobs)
