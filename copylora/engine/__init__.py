@@ -4,8 +4,8 @@ Backends:
 - "ext": copylora._C (C++ on ATen, parallel across modules; CUDA kernels when built with CUDA),
   called once per group of same-shaped modules.
 - "torch": the pure-torch steps of copylora.engine.reference, batched per group of same-shaped
-  modules with torch's batched QR/SVD (reference.merge_module, one at a time, is what it is
-  tested against).
+  modules (Cholesky-QR twice, torch's batched SVD); reference.merge_module, one at a time with
+  Householder QR, is what it is tested against.
 "auto" picks "ext" when the extension loads (with CUDA kernels, for a CUDA device), else "torch"
 with a warning that says why. The CUDA kernel passed bench/gpu_check.py on an H200 (bench/README.md).
 """
