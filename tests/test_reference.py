@@ -157,3 +157,38 @@ def test_cholesky_qr2_deviation_guard_routes_to_householder(monkeypatch):
     q, r = cholesky_qr2(a)
     q_h, r_h = torch.linalg.qr(a)
     assert torch.equal(q, q_h) and torch.equal(r, r_h)
+
+
+def test_small_lapack_calls_run_on_one_thread_and_the_count_is_restored(monkeypatch):
+    """MKL splits even a 32×32 SVD across the team, and with sleeping threads that costs more
+    than it saves (bench/README.md): the torch backend's R×R calls run on one thread, and the
+    caller's thread count is back afterwards — also when a call fails."""
+    seen: list[int] = []
+
+    def recording(function):
+        def call(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return function(*args, **kwargs)
+        return call
+
+    for name in ("svd", "cholesky_ex", "solve_triangular"):
+        monkeypatch.setattr(torch.linalg, name, recording(getattr(torch.linalg, name)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        jobs = [ModuleJob(f"m{i}", [torch.randn(64, 8, generator=gen) for _ in "ab"],
+                          [torch.randn(8, 96, generator=gen) for _ in "ab"], [1.0, -0.5], 16) for i in range(3)]
+        reference.merge_batch(jobs, SvdOptions(), "cpu")
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("LAPACK failed")
+
+        monkeypatch.setattr(torch.linalg, "svd", failing)
+        with pytest.raises(RuntimeError, match="LAPACK failed"):
+            reference.small_svd(torch.randn(4, 4))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -15,7 +15,8 @@ Conventions shared with the extension (copylora._C), so all backends agree bit-f
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -48,12 +49,33 @@ def stacked_factors(job: ModuleJob, device: torch.device | str | None = None) ->
 # The steps below take one module's tensors or a batch of same-shaped modules' (leading dims).
 
 
+@contextmanager
+def lapack_on_one_thread(device: torch.device) -> Iterator[None]:
+    """torch on one CPU thread for the small R×R matrices' LAPACK calls (restored after).
+
+    Batched, torch calls LAPACK once per matrix, and MKL splits even a 32×32 SVD across the
+    team; with idle threads asleep (copylora's default, copylora/openmp_wait.py) every split waits
+    for one to wake: a batch of 30 32×32 SVDs took 48 ms on this project's 2 cores, 6 ms on one.
+    The C++ kernel holds MKL to one thread for the same calls.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def small_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.linalg.svd(a, full_matrices=False) of the small matrices below (R×R cores, or W where
     it is no bigger than its factors). On CUDA in float64: cuSOLVER's float32 SVD left singular
     values 1e-5 too large (relative) on an H200, beyond what float32 rounding of W explains."""
     if a.device.type != "cuda":
-        return torch.linalg.svd(a, full_matrices=False)
+        with lapack_on_one_thread(a.device):
+            return torch.linalg.svd(a, full_matrices=False)
     u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
@@ -73,15 +95,18 @@ def cholesky_qr2(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     call per matrix. Matrices whose Cholesky fails (rank-deficient or all-zero factors) or whose
     first pass is far from orthonormal (ill-conditioned ones) get torch.linalg.qr instead.
     """
-    def times_inverse_transpose(x: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        identity = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device).expand_as(lower)
-        return x @ torch.linalg.solve_triangular(lower, identity, upper=False).mT
+    def cholesky_and_inverse(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L, L⁻¹ and LAPACK's info of each (small) Gram matrix."""
+        identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+        with lapack_on_one_thread(gram.device):
+            lower, info = torch.linalg.cholesky_ex(gram)
+            return lower, torch.linalg.solve_triangular(lower, identity, upper=False), info
 
-    l1, info1 = torch.linalg.cholesky_ex(a.mT @ a)
-    q1 = times_inverse_transpose(a, l1)
+    l1, inverse1, info1 = cholesky_and_inverse(a.mT @ a)
+    q1 = a @ inverse1.mT
     gram = q1.mT @ q1
-    l2, info2 = torch.linalg.cholesky_ex(gram)
-    q, r = times_inverse_transpose(q1, l2), l2.mT @ l1.mT
+    l2, inverse2, info2 = cholesky_and_inverse(gram)
+    q, r = q1 @ inverse2.mT, l2.mT @ l1.mT
     deviation = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().amax(dim=(-2, -1))
     failed = (info1 != 0) | (info2 != 0) | deviation.isnan() | (deviation > CHOLESKY_QR_DEVIATION)
     redo = failed.nonzero().squeeze(-1)
