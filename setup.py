@@ -1,6 +1,6 @@
 """Builds copylora and, where it can, its extension copylora._C.
 
-COPYLORA_BUILD_EXT=auto|cpu|cuda|none says what to build (copylora/extension_build.py explains
+COPYLORA_BUILD_EXT=auto|cpu|cuda|none says what to build (copylora/runtime/extension_build.py explains
 each). In the default, auto, the extension never blocks the install: a CUDA build that fails is
 retried with CPU kernels only, a CPU build that fails (or no usable C++ compiler) installs without
 the extension, and the build prints one line saying what it left out and why. What happened is
@@ -19,9 +19,8 @@ import sys
 import tempfile
 from importlib.machinery import EXTENSION_SUFFIXES
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, get_cxx_compiler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +29,7 @@ IS_WINDOWS = sys.platform == "win32"
 
 # The build plan lives in the package, beside the code that reads its record (copylora doctor).
 sys.path.insert(0, HERE)
-from copylora.extension_build import (  # noqa: E402
+from copylora.runtime.extension_build import (  # noqa: E402
     KERNEL_LABELS,
     MODE_VARIABLE,
     BuildFacts,
@@ -256,7 +255,12 @@ setup(
     license="Apache-2.0",
     # the sd-scripts shim and the training presets ship inside the package, from their one
     # source each in sd_scripts_patch/ and configs/
-    packages=["copylora", "copylora.engine", "copylora.kohya", "copylora.sd_scripts_patch", "copylora.configs"],
+    packages=[
+        "copylora",
+        *(f"copylora.{part}" for part in ("engine", "formats", "kohya", "pipelines", "reports", "runtime")),
+        "copylora.sd_scripts_patch",
+        "copylora.configs",
+    ],
     package_dir={"copylora.sd_scripts_patch": "sd_scripts_patch", "copylora.configs": "configs"},
     package_data={"copylora.sd_scripts_patch": ["README.md"], "copylora.configs": ["*.toml"]},
     # the kernel set (CUDA, CPU, or none) is chosen when build_ext runs

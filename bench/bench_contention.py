@@ -3,7 +3,7 @@
 A user merges while a training run or a web UI keeps the cores busy. For N = 0, 1, 2 busy
 processes (each a pure-Python spin loop that ends by itself after --busy-limit seconds and is
 killed when the case ends), best of --repeat fresh processes, on the real SD1.5 pair:
-- copylora.merge with each backend, as shipped (idle OpenMP threads sleep: copylora.openmp_wait);
+- copylora.merge with each backend, as shipped (idle OpenMP threads sleep: copylora.runtime.openmp_wait);
 - the same with libgomp's default spin-then-sleep policy (torch imported before copylora, so the
   setting comes too late: what every release before it did);
 - the I/O floor (import torch, load the inputs, write a file of the output's size) under the same

@@ -21,18 +21,19 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from common import manifest_modules  # noqa: E402
+
 from copylora.engine import merge_jobs, reference  # noqa: E402
 from copylora.engine.jobs import ModuleJob, SvdOptions  # noqa: E402
-from copylora.command_process import keep_freed_memory  # noqa: E402
-from common import manifest_modules  # noqa: E402
+from copylora.runtime.command_process import keep_freed_memory  # noqa: E402
 
 README = HERE / "README.md"
 START, END = "<!-- engine:start -->", "<!-- engine:end -->"
@@ -83,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
     that loop clamping with torch.quantile (a full sort), the loop the engine was first measured
     against.
     """
-    keep_freed_memory()  # the commands' heap setting (copylora.command_process)
+    keep_freed_memory()  # the commands' heap setting (copylora.runtime.command_process)
     jobs = manifest_jobs(args.variant, [int(r) for r in args.ranks.split(",")], args.new_rank)
     options = SvdOptions()
     if args.backend in ("torch-loop", "torch-sort"):

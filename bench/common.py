@@ -25,11 +25,11 @@ REAL_PAIR = SHARED / "golden" / "real_sd15"
 MANIFEST_DIRS = (REPO / "tests" / "data" / "kohya" / "manifests", SHARED / "kohya" / "manifests")
 
 # The I/O floor: import torch, load the inputs, write a file of the output's size. No merge can beat it.
-# It sets up its process as the commands do (copylora/command_process.py: heap, frozen startup objects).
+# It sets up its process as the commands do (copylora/runtime/command_process.py: heap, frozen startup objects).
 FLOOR = """
 import sys, torch
 from safetensors.torch import load_file, save_file
-from copylora.command_process import prepare
+from copylora.runtime.command_process import prepare
 prepare()
 inputs = [load_file(p) for p in sys.argv[1:-2]]
 n = int(sys.argv[-1]) // 2
@@ -109,8 +109,8 @@ def manifest_modules(variant: str) -> list[dict]:
 
 def manifest_pair(variant: str, folder: Path, dim: int = 8) -> tuple[Path, Path]:
     """B.safetensors and A.safetensors with every module of kohya's `variant` manifest (random fp16)."""
-    from copylora.lora_file import write_lora
-    from copylora.synthetic import ModuleShape, random_lora, training_metadata
+    from copylora.formats.lora_file import write_lora
+    from copylora.formats.synthetic import ModuleShape, random_lora, training_metadata
 
     layout = [
         ModuleShape(m["name"], m["up"][0], m["down"][1], tuple(m["down"][2:]) if len(m["down"]) == 4 else None)

@@ -38,8 +38,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # the in-place build and the tests package
 
-import copylora.openmp_wait  # noqa: E402,F401  (this process and its children: before torch)
 from common import manifest_modules, manifest_pair  # noqa: E402
+
+import copylora.runtime.openmp_wait  # noqa: E402,F401  (this process and its children: before torch)
 
 SANITIZED = """
 import torch

@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's scripts run without it)
-from copylora import command_process, copy_machine_report, preview
-from copylora.cli_help import DefaultsHelpFormatter
+import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's scripts run without it)
+from copylora import preview
 from copylora.errors import CopyloraError, run_cli
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
+from copylora.reports import copy_machine_report
+from copylora.runtime import command_process
+from copylora.runtime.cli_help import DefaultsHelpFormatter
 from copylora.train import accelerate_args, add_kohya_arguments, setup, warn
 
 PROG = "copylora.copy_machine"

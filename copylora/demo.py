@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 from copylora import merge
-from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
-from copylora.synthetic import write_sd15_pair
+from copylora.formats.synthetic import write_sd15_pair
+from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.demo"
 

@@ -12,9 +12,9 @@ import torch
 
 from copylora import __version__
 from copylora.engine import ops
-from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
-from copylora.extension_build import KERNEL_LABELS, BuildRecord
+from copylora.runtime.cli_help import DefaultsHelpFormatter
+from copylora.runtime.extension_build import KERNEL_LABELS, BuildRecord
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
-from copylora.cli_help import DefaultsHelpFormatter
+import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
-from copylora.fidelity import Summary, block_summaries, format_table, render_table, totals_line
-from copylora.inspection import inspect_lora, rank_rows
-from copylora.spectrum_plot import check_plot_path, plot_spectra
+from copylora.pipelines.fidelity import Summary, block_summaries, format_table, render_table, totals_line
+from copylora.pipelines.inspection import inspect_lora, rank_rows
+from copylora.reports.spectrum_plot import check_plot_path, plot_spectra
+from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.inspect"
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.cli_help import RawDescriptionDefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.kohya import checkout as sd_checkout
 from copylora.kohya.job import default_python
+from copylora.runtime.cli_help import RawDescriptionDefaultsHelpFormatter
 
 EPILOG = """exit codes: install: 0 done, 1 installed but kohya's Python cannot import copylora yet (the
 patched scripts run the originals until it can; the pip command to fix it is printed);

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora import grid
-from copylora.cli_help import DefaultsHelpFormatter
 from copylora.errors import run_cli
 from copylora.kohya import generate
 from copylora.kohya import job as kohya_job
 from copylora.kohya.checkout import find_checkout
+from copylora.reports import grid
+from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.preview"
 

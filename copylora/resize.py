@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import copylora.openmp_wait  # noqa: F401  (before torch loads OpenMP)
-from copylora import command_process
-from copylora.cli_help import DefaultsHelpFormatter
-from copylora.dynamic_rank import DYNAMIC_METHODS
+import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli
 from copylora.merge import configure_logging
-from copylora.progress import ModuleProgress
-from copylora.svd_resize import ResizedModule, ResizeRequest, ResizeSummary, resize_file
-from copylora.svd_merge import PRECISIONS
+from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS
+from copylora.pipelines.svd_merge import PRECISIONS
+from copylora.pipelines.svd_resize import ResizedModule, ResizeRequest, ResizeSummary, resize_file
+from copylora.runtime import command_process
+from copylora.runtime.cli_help import DefaultsHelpFormatter
+from copylora.runtime.progress import ModuleProgress
 
 PROG = "copylora.resize"
 

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.cli_help import DefaultsHelpFormatter
-from copylora.kohya import job as kohya_job
 from copylora.errors import CopyloraError, run_cli
-from copylora.kohya.options import KohyaOptions, Preset, load_preset, preset_path
+from copylora.kohya import job as kohya_job
 from copylora.kohya.checkout import find_checkout
+from copylora.kohya.options import KohyaOptions, Preset, load_preset, preset_path
+from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.train"
 

@@ -26,7 +26,7 @@ import torch
 from copylora.engine import balanced, reference
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.engine.quantile import linear_quantile
-from copylora.fidelity import as_factors, squared_distance
+from copylora.pipelines.fidelity import as_factors, squared_distance
 
 EPS = torch.finfo(torch.float32).eps
 ROUNDING = 8 * EPS  # per unit of ‖P‖_F‖Q‖_F; the real SD1.5 pair reaches 0.4 eps (S) and 2.5 eps (product)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from copylora.fidelity import Factors, as_factors, squared_distance, squared_norm
+from copylora.pipelines.fidelity import Factors, as_factors, squared_distance, squared_norm
 
 # Metadata keys that differ by nature between two runs or two implementations.
 VOLATILE_KEYS = {

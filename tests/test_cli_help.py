@@ -7,8 +7,8 @@ import importlib
 import pytest
 
 from copylora.cli import COMMANDS
-from copylora.cli_help import NAMES_A_DEFAULT, DefaultsHelpFormatter, takes_a_value
 from copylora.merge import main as merge_main
+from copylora.runtime.cli_help import NAMES_A_DEFAULT, DefaultsHelpFormatter, takes_a_value
 
 MODULES = sorted({module for module, _ in COMMANDS.values()})
 

@@ -17,7 +17,7 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # Prints keep_freed_memory()'s answer (when argv[1] == "set"), then how many blocks a 16 MB malloc mapped.
 MAPPED_BLOCKS = """
 import ctypes, sys
-from copylora.command_process import keep_freed_memory
+from copylora.runtime.command_process import keep_freed_memory
 class MallInfo(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -58,7 +58,7 @@ def test_a_setting_the_user_gave_glibc_wins():
 
 FROZEN_AFTER_PREPARE = """
 import gc
-from copylora.command_process import prepare
+from copylora.runtime.command_process import prepare
 before = gc.get_freeze_count()
 prepare()
 print(before == 0 and gc.get_freeze_count() > 1000)

@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from copylora import copy_machine, grid
+from copylora import copy_machine
 from copylora.errors import CopyloraError
+from copylora.formats.lora_file import read_lora
 from copylora.kohya import bake
 from copylora.kohya.checkout import find_checkout
 from copylora.kohya.job import default_python
-from copylora.lora_file import read_lora
+from copylora.reports import grid
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
 from copylora.merge import main as merge_main
 from copylora.resize import main as resize_main
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from copylora.dynamic_rank import DYNAMIC_METHODS, dynamic_rank
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
 from copylora.merge import build_parser
 from copylora.merge import main as merge_main
+from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS, dynamic_rank
 from tests.conftest import GoldenFolder, golden_params, kohya_file
 from tests.lora_compare import module_deltas, read_metadata, relative_error
 

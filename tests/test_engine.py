@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from copylora import doctor, engine
 from copylora.engine import merge_jobs, ops, reference, resolve_backend
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
-from copylora.lora_file import read_lora
+from copylora.formats.lora_file import read_lora
 from tests.backend_compare import assert_backend_matches
 from tests.conftest import GoldenCase, golden_params
 

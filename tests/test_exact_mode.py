@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
+from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
-from copylora.synthetic import ModuleShape, random_lora
 from tests.conftest import GoldenFolder, golden_folder, golden_params
 from tests.lora_compare import Factors, compare_deltas, data_section_sha256, module_deltas, read_metadata
 

@@ -14,7 +14,7 @@ import torch
 
 from copylora import doctor
 from copylora.engine import ops, resolve_backend, warn_once
-from copylora.extension_build import (
+from copylora.runtime.extension_build import (
     DEFAULT_CUDA_ARCH_LIST,
     FIX_BUILD_ERROR,
     INSTALL_COMPILER,

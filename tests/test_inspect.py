@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from copylora import inspect as inspect_cli
-from copylora.fidelity import Summary, block_summaries
+from copylora.formats.lora_file import write_lora
+from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.inspect import main as inspect_main
-from copylora.inspection import inspect_lora
-from copylora.lora_file import write_lora
 from copylora.merge import main as merge_main
-from copylora.synthetic import ModuleShape, random_lora
+from copylora.pipelines.fidelity import Summary, block_summaries
+from copylora.pipelines.inspection import inspect_lora
 from tests.conftest import golden_folder
 
 LAYOUT = [

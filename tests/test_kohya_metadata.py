@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from copylora.kohya_metadata import BaseModelInfo, modelspec_metadata, network_metadata, weight_hashes
+from copylora.formats.kohya_metadata import BaseModelInfo, modelspec_metadata, network_metadata, weight_hashes
 from tests.conftest import GoldenCase, GoldenFolder, golden_params
 from tests.lora_compare import read_metadata
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from copylora.lora_file import read_lora, write_lora
+from copylora.formats.lora_file import read_lora, write_lora
+from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
-from copylora.synthetic import ModuleShape, random_lora
 from tests.lora_compare import module_deltas, read_metadata, relative_error
 
 LAYOUT = [
@@ -118,7 +118,7 @@ def test_precisions(tmp_path, precision, save_precision, dtype):
 def test_saved_dtype_from_the_engine_rounds_like_stock(tmp_path, monkeypatch, precision, save_precision):
     """Where the engine hands back the saved dtype directly, the file holds exactly what stock's
     float32 → --precision → --save_precision casts of the float32 result give."""
-    import copylora.svd_merge
+    import copylora.pipelines.svd_merge
 
     a, b = tmp_path / "A.safetensors", tmp_path / "B.safetensors"
     write_lora(a, random_lora(LAYOUT, 4, 1.0, 8), {})
@@ -126,8 +126,8 @@ def test_saved_dtype_from_the_engine_rounds_like_stock(tmp_path, monkeypatch, pr
     extra = ["--new_rank", "6", "--precision", precision] + (["--save_precision", save_precision] if save_precision else [])
     run([b, a], ["1", "-1"], tmp_path / "direct.safetensors", *extra)
     # the reference: a float32 result, cast as stock casts it
-    monkeypatch.setattr(copylora.svd_merge, "engine_output_dtype", lambda *args: torch.float32)
-    monkeypatch.setattr(copylora.svd_merge, "as_saved", lambda factor, merge, save: factor.to(merge).to(save))
+    monkeypatch.setattr(copylora.pipelines.svd_merge, "engine_output_dtype", lambda *args: torch.float32)
+    monkeypatch.setattr(copylora.pipelines.svd_merge, "as_saved", lambda factor, merge, save: factor.to(merge).to(save))
     run([b, a], ["1", "-1"], tmp_path / "float32.safetensors", *extra)
     direct, through_float32 = load_file(str(tmp_path / "direct.safetensors")), load_file(str(tmp_path / "float32.safetensors"))
     assert direct.keys() == through_float32.keys()

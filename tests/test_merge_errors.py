@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
+from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
-from copylora.synthetic import ModuleShape, random_lora
 
 SMALL = [
     ModuleShape("lora_unet_down_blocks_0_attentions_0_proj_in", 16, 16, (1, 1)),
@@ -247,7 +247,7 @@ def test_exit_code_and_message_from_a_real_process(tmp_path, pair):
 def test_finite_check_is_exact(dtype):
     """The fast check (a float32 sum) never passes NaN/Inf and never refuses finite values whose sum
     overflows (bf16 and float32 reach float32's range)."""
-    from copylora.lora_file import is_finite
+    from copylora.formats.lora_file import is_finite
 
     big = torch.finfo(dtype).max
     assert is_finite(torch.full((4, 3), big, dtype=dtype))  # finite, though the sum may overflow

@@ -3,7 +3,7 @@
 import pytest
 
 from copylora.errors import CopyloraError
-from copylora.naming import BLOCK_NAMES, block_group, block_index, parse_lbws
+from copylora.formats.naming import BLOCK_NAMES, block_group, block_index, parse_lbws
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ print(seen[0] if seen else "torch never imported")
 """
 
 KOHYA_CHILD_POLICY = """
-from copylora.openmp_wait import environment_for_kohya
+from copylora.runtime.openmp_wait import environment_for_kohya
 print(environment_for_kohya().get("OMP_WAIT_POLICY", "unset"))
 """
 

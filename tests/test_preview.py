@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from copylora import cli, grid, preview
+from copylora import cli, preview
+from copylora.reports import grid
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from copylora import cli
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
+from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.resize import main as resize_main
-from copylora.synthetic import ModuleShape, random_lora
 from tests.lora_compare import module_deltas, read_metadata, relative_error
 
 # Shapes from kohya's networks/lora_flux.py (FLUX.1, hidden 3072, T5-XXL 4096) and lora_sd3.py (SD3 medium, 1536)
@@ -209,13 +209,13 @@ def test_bad_files(tmp_path, lora, capsys):
 def test_factors_in_the_saved_dtype_from_the_engine_match_casting_after(tmp_path, monkeypatch, extra):
     """The engine hands resize its factors in the saved dtype: exactly what casting its float32
     result after the rank is chosen gives (no clamp, so a smaller rank is a prefix)."""
-    import copylora.svd_resize
+    import copylora.pipelines.svd_resize
     from copylora.engine import merge_jobs
 
     model = tmp_path / "in.safetensors"
     write_lora(model, random_lora(SMALL, 8, 4.0, 3), {})
     resize("--model", model, "--new_rank", "4", "--save_to", tmp_path / "direct.safetensors", *extra)
-    monkeypatch.setattr(copylora.svd_resize, "merge_jobs",
+    monkeypatch.setattr(copylora.pipelines.svd_resize, "merge_jobs",
                         lambda *args, **kwargs: merge_jobs(*args, **{**kwargs, "out_dtype": torch.float32}))
     resize("--model", model, "--new_rank", "4", "--save_to", tmp_path / "float32.safetensors", *extra)
     direct, through_float32 = load_file(str(tmp_path / "direct.safetensors")), load_file(str(tmp_path / "float32.safetensors"))

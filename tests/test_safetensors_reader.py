@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from copylora.lora_file import read_lora
-from copylora.safetensors_format import SAFETENSORS_DTYPES
-from copylora.safetensors_reader import read_safetensors
+from copylora.formats.lora_file import read_lora
+from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
+from copylora.formats.safetensors_reader import read_safetensors
 from tests.conftest import REPO
 
 VENDORED = sorted((REPO / "tests" / "data").rglob("*.safetensors"))
@@ -113,6 +113,6 @@ def test_a_file_system_without_mappings_goes_to_safetensors(tmp_path, monkeypatc
     def no_mapping(*args, **kwargs):
         raise OSError(19, "No such device")
 
-    monkeypatch.setattr("copylora.safetensors_reader.mmap.mmap", no_mapping)
+    monkeypatch.setattr("copylora.formats.safetensors_reader.mmap.mmap", no_mapping)
     assert read_safetensors(path) is None
     assert read_lora(path).modules["m"].rank == 2  # read by safetensors instead

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from copylora.kohya_metadata import HASH_PLACEHOLDERS, LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, weight_hashes
-from copylora.lora_file import SerializedTensors, write_lora
+from copylora.formats.kohya_metadata import HASH_PLACEHOLDERS, LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, weight_hashes
+from copylora.formats.lora_file import SerializedTensors, write_lora
 
 METADATA = {
     "ss_network_dim": "16",
@@ -104,7 +104,7 @@ def test_header_longer_than_the_legacy_offset(tmp_path):
 
 def test_dtype_order_and_names_are_safetensors_own():
     """SerializedTensors orders by its own dtype table; safetensors must agree for every dtype in it."""
-    from copylora.safetensors_format import SAFETENSORS_DTYPES
+    from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 
     values = {f"t{index:02d}_{name}": torch.ones(3, dtype=dtype) for index, (dtype, name) in
               enumerate(SAFETENSORS_DTYPES.items())}

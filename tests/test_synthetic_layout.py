@@ -2,7 +2,7 @@
 
 import json
 
-from copylora.synthetic import sd15_layout
+from copylora.formats.synthetic import sd15_layout
 from tests.conftest import kohya_file
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from copylora.extension_build import BuildRecord
+from copylora.runtime.extension_build import BuildRecord
 
 PACKAGE_FOLDER = Path(__file__).resolve().parent.parent
 

@@ -54,7 +54,7 @@ def lapack_on_one_thread(device: torch.device) -> Iterator[None]:
     """torch on one CPU thread for the small R×R matrices' LAPACK calls (restored after).
 
     Batched, torch calls LAPACK once per matrix, and MKL splits even a 32×32 SVD across the
-    team; with idle threads asleep (copylora's default, copylora/openmp_wait.py) every split waits
+    team; with idle threads asleep (copylora's default, copylora/runtime/openmp_wait.py) every split waits
     for one to wake: a batch of 30 32×32 SVDs took 48 ms on this project's 2 cores, 6 ms on one.
     The C++ kernel holds MKL to one thread for the same calls.
     """

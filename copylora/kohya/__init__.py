@@ -6,7 +6,7 @@
 - dataset: the training images laid out the way kohya's train_data_dir wants them
 - _probe: run by kohya's own Python to dump a script's options
 
-The file format (copylora.lora_file, copylora.kohya_metadata) and the merge engine
+The file format (copylora.formats.lora_file, copylora.formats.kohya_metadata) and the merge engine
 (copylora.engine) know nothing about a checkout; the CLI modules (copylora.train, .patch,
 .copy_machine) only parse arguments and call into here.
 """

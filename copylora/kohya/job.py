@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from copylora.kohya import dataset
 from copylora.errors import CopyloraError
+from copylora.formats.lora_file import LoraFile, read_lora
+from copylora.kohya import dataset
 from copylora.kohya.options import FinalConfig, KohyaOptions, Preset, build_config, dumps_toml
-from copylora.lora_file import LoraFile, read_lora
-from copylora.openmp_wait import environment_for_kohya
+from copylora.runtime.openmp_wait import environment_for_kohya
 
 LAUNCHER = ["-m", "accelerate.commands.launch"]  # `accelerate launch`, from the same Python
 

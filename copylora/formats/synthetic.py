@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from copylora.lora_file import write_lora
+from copylora.formats.lora_file import write_lora
 
 TEXT_WIDTH, TEXT_LAYERS, TEXT_MLP = 768, 12, 3072
 CROSS_ATTENTION_WIDTH = 768

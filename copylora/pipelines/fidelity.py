@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 
 from copylora.engine.reference import thin_svd
-from copylora.naming import block_group
+from copylora.formats.naming import block_group
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (out×k, k×in): the matrix up @ down
 

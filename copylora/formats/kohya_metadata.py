@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 
 from copylora import __version__
-from copylora.lora_file import SerializedTensors
+from copylora.formats.lora_file import SerializedTensors
 
 SS_V2 = "ss_v2"
 SS_BASE_MODEL_VERSION = "ss_base_model_version"

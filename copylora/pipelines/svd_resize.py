@@ -25,13 +25,21 @@ from typing import Callable
 
 import torch
 
-from copylora import kohya_metadata
-from copylora.dynamic_rank import dynamic_rank, is_zero_spectrum, validate_dynamic
 from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.errors import CopyloraError
-from copylora.lora_file import KEY_FORMATS, LoraFile, LoraModule, read_lora, write_lora
-from copylora.svd_merge import DYNAMIC, PRECISIONS, PlannedModule, RankFlags, apply_ranks, validate_device, validate_output
-from copylora.uniform_alpha import common_alpha, folded_up
+from copylora.formats import kohya_metadata
+from copylora.formats.lora_file import KEY_FORMATS, LoraFile, LoraModule, read_lora, write_lora
+from copylora.pipelines.dynamic_rank import dynamic_rank, is_zero_spectrum, validate_dynamic
+from copylora.pipelines.svd_merge import (
+    DYNAMIC,
+    PRECISIONS,
+    PlannedModule,
+    RankFlags,
+    apply_ranks,
+    validate_device,
+    validate_output,
+)
+from copylora.pipelines.uniform_alpha import common_alpha, folded_up
 
 logger = logging.getLogger("copylora")
 

@@ -12,10 +12,10 @@ import shlex
 from datetime import datetime
 from pathlib import Path
 
-from copylora import grid
+from copylora.formats.lora_file import read_lora
 from copylora.kohya.bake import BakeJob
 from copylora.kohya.job import TrainJob
-from copylora.lora_file import read_lora
+from copylora.reports import grid
 
 
 def _link(target: Path, report: Path) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from copylora.errors import CopyloraError
-from copylora.fidelity import block_order
-from copylora.naming import block_group
+from copylora.formats.naming import block_group
+from copylora.pipelines.fidelity import block_order
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 COLUMNS = 4

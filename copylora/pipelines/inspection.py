@@ -1,7 +1,7 @@
 """`copylora.inspect`'s work: read a merged LoRA (and optionally its inputs) and measure it.
 
 With the inputs, each module of the file is measured against the exact delta
-W = Σ ratioᵢ·upᵢ@downᵢ·alphaᵢ/dimᵢ (copylora.fidelity). The clamp and rounding losses need the
+W = Σ ratioᵢ·upᵢ@downᵢ·alphaᵢ/dimᵢ (copylora.pipelines.fidelity). The clamp and rounding losses need the
 merge's float factors, which the file no longer has: they are recomputed at the file's ranks
 with the clamp quantile and singular-value split read off the file itself (a clamped module
 has about (1 − Q)·n entries tied at its largest value; a √S split has equal up-column and
@@ -20,11 +20,11 @@ import torch
 from copylora.engine import ModuleJob, SvdOptions, merge_jobs
 from copylora.engine.reference import stacked_factors, thin_svd
 from copylora.errors import CopyloraError
-from copylora.fidelity import ModuleFidelity, as_factors, block_order, measure_module
-from copylora.lora_file import LoraFile, LoraModule, read_lora
-from copylora.naming import block_group, parse_lbws
-from copylora.spectrum_plot import Spectrum
-from copylora.svd_merge import MergeRequest, plan_modules
+from copylora.formats.lora_file import LoraFile, LoraModule, read_lora
+from copylora.formats.naming import block_group, parse_lbws
+from copylora.pipelines.fidelity import ModuleFidelity, as_factors, block_order, measure_module
+from copylora.pipelines.svd_merge import MergeRequest, plan_modules
+from copylora.reports.spectrum_plot import Spectrum
 
 # A module counts as clamped when at least this many entries share its largest value:
 # unclamped factors essentially never tie at the maximum, clamped ones tie ~1 % of n.

@@ -24,8 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from copylora.errors import CopyloraError
-from copylora.safetensors_format import SAFETENSORS_DTYPES
-from copylora.safetensors_reader import read_safetensors
+from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
+from copylora.formats.safetensors_reader import read_safetensors
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")

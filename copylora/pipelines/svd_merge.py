@@ -3,7 +3,7 @@
 Output format follows kohya's networks/svd_merge_lora.py: per module `lora_up.weight`,
 `lora_down.weight` (conv modules 4-D), a 0-dim int64 `alpha` equal to the module's rank, the
 minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`. Dynamic ranks
-(no stock file to match) write one alpha for all modules by default (copylora.uniform_alpha).
+(no stock file to match) write one alpha for all modules by default (copylora.pipelines.uniform_alpha).
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from typing import Callable
 
 import torch
 
-from copylora import kohya_metadata
-from copylora.conditioning import orthonormal_down
-from copylora.dynamic_rank import dynamic_rank, validate_dynamic
 from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.engine.reference import stacked_factors
-from copylora.fidelity import ModuleFidelity, Summary, as_factors, measure_module, totals_line
 from copylora.errors import CopyloraError
-from copylora.lora_file import (
+from copylora.formats import kohya_metadata
+from copylora.formats.lora_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     LoraFile,
@@ -33,8 +30,11 @@ from copylora.lora_file import (
     read_lora,
     write_lora,
 )
-from copylora.naming import BlockWeights, parse_lbws
-from copylora.uniform_alpha import common_alpha, folded_up
+from copylora.formats.naming import BlockWeights, parse_lbws
+from copylora.pipelines.conditioning import orthonormal_down
+from copylora.pipelines.dynamic_rank import dynamic_rank, validate_dynamic
+from copylora.pipelines.fidelity import ModuleFidelity, Summary, as_factors, measure_module, totals_line
+from copylora.pipelines.uniform_alpha import common_alpha, folded_up
 
 logger = logging.getLogger("copylora")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from copylora.safetensors_format import SAFETENSORS_DTYPES
+from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 
 HEADER_LENGTH_BYTES = 8  # little-endian u64, then that many bytes of JSON header
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
