@@ -257,7 +257,7 @@ setup(
     # source each in sd_scripts_patch/ and configs/
     packages=[
         "copylora",
-        *(f"copylora.{part}" for part in ("engine", "formats", "kohya", "pipelines", "reports", "runtime")),
+        *(f"copylora.{part}" for part in ("engine", "formats", "kohya", "pipelines", "reports", "runtime", "webui")),
         "copylora.sd_scripts_patch",
         "copylora.configs",
     ],

@@ -1,0 +1,123 @@
+"""Every label, hint and message of the page, in English and Japanese."""
+
+from __future__ import annotations
+
+import locale
+import os
+
+LANGUAGES = ("en", "ja")
+
+# key -> (English, Japanese)
+TEXTS: dict[str, tuple[str, str]] = {
+    "title": ("copylora: copy-machine LoRA", "copylora: コピー機LoRA"),
+    "intro": (
+        "Train LoRA A on the image before and LoRA B on the image after, then keep only the change (B − A). "
+        "Every tab runs the same code as its `copylora` command.",
+        "変更前の画像でLoRA A、変更後の画像でLoRA Bを学習し、その差分（B − A）だけを残します。"
+        "各タブは対応する `copylora` コマンドと同じ処理を実行します。",
+    ),
+    "error": ("error", "エラー"),
+    "done": ("done", "完了"),
+    # tabs
+    "tab_copy_machine": ("Copy machine", "コピー機"),
+    "tab_merge": ("Difference / merge", "差分 / マージ"),
+    "tab_resize": ("Resize", "リサイズ"),
+    "tab_inspect": ("Inspect", "検査"),
+    "tab_preview": ("Preview", "プレビュー"),
+    "tab_settings": ("Settings", "設定"),
+    # shared fields
+    "save_to": ("Output file (save_to)", "出力ファイル (save_to)"),
+    "save_to_info": (
+        "a file name goes into the output folder (Settings); .safetensors",
+        "ファイル名だけなら出力フォルダ（設定）に保存します。拡張子は .safetensors",
+    ),
+    "new_rank": ("New rank (new_rank)", "新しいランク (new_rank)"),
+    "new_conv_rank": ("Conv rank (new_conv_rank; 0 = same as new rank)", "Convランク (new_conv_rank、0 = 新しいランクと同じ)"),
+    "save_precision": ("Save precision (save_precision)", "保存精度 (save_precision)"),
+    "precision": ("Merge precision (precision)", "マージ時の精度 (precision)"),
+    "clamp_quantile": ("Clamp quantile (clamp_quantile)", "クランプ分位点 (clamp_quantile)"),
+    "clamp_info": (
+        "1 = exact difference (no clamp); 0.99 = stock svd_merge_lora.py's clamp",
+        "1 = 正確な差分（クランプなし）、0.99 = 本家 svd_merge_lora.py と同じクランプ",
+    ),
+    "dynamic_method": ("Dynamic rank (dynamic_method)", "ダイナミックランク (dynamic_method)"),
+    "dynamic_method_info": (
+        "choose each module's rank from its singular values; the rank above becomes the maximum",
+        "各モジュールのランクを特異値から決めます。上のランクは上限になります",
+    ),
+    "dynamic_param": ("Target (dynamic_param)", "目標値 (dynamic_param)"),
+    "device": ("Device (device)", "デバイス (device)"),
+    "summary": ("Summary", "結果"),
+    "fidelity": ("Fidelity against the exact weighted sum", "正確な重み付き和との比較"),
+    "block_table": ("Per block", "ブロックごと"),
+    "spectrum": ("Singular-value spectra", "特異値スペクトル"),
+    "download": ("Download", "ダウンロード"),
+    # merge tab
+    "merge_intro": (
+        "Any number of LoRA files, one ratio each (negative allowed, no rescaling): B − A is `1 -1`.",
+        "LoRAファイルをいくつでも、それぞれに比率を一つ（負の値も可、合計を1に揃えることはしません）。B − A なら `1 -1`。",
+    ),
+    "models": ("LoRA files (models)", "LoRAファイル (models)"),
+    "ratios": ("Ratios, one per file, in order (ratios)", "比率、ファイルの順に一つずつ (ratios)"),
+    "ratios_info": ("e.g. 1 -1 for B − A; each from -2 to 2 is usual", "例: B − A なら 1 -1。通常は -2 〜 2"),
+    "merge_button": ("Merge", "マージ"),
+    # resize tab
+    "model": ("LoRA file (model)", "LoRAファイル (model)"),
+    "resize_button": ("Resize", "リサイズ"),
+    # inspect tab
+    "lora": ("LoRA to inspect (lora)", "検査するLoRA (lora)"),
+    "against": ("The files it was merged from (against; optional)", "マージ元のファイル (against、任意)"),
+    "inspect_ratios": ("Their ratios (ratios)", "その比率 (ratios)"),
+    "inspect_button": ("Inspect", "検査"),
+    # preview tab
+    "base": ("Base model (base)", "ベースモデル (base)"),
+    "base_info": ("path of the .safetensors/.ckpt file or diffusers folder", ".safetensors/.ckpt ファイルまたは diffusers フォルダのパス"),
+    "preview_lora": ("LoRA (lora)", "LoRA (lora)"),
+    "strengths": ("Strengths (strengths)", "強度 (strengths)"),
+    "seeds": ("Seeds (seeds)", "シード (seeds)"),
+    "prompt": ("Prompt (prompt; empty = the LoRA alone)", "プロンプト (prompt、空欄 = LoRAのみ)"),
+    "steps": ("Sampling steps (steps)", "サンプリングステップ数 (steps)"),
+    "sdxl": ("SDXL (sdxl)", "SDXL (sdxl)"),
+    "gen_img_args": ("More gen_img.py options (gen_img_args)", "gen_img.py への追加オプション (gen_img_args)"),
+    "preview_button": ("Make the grid", "グリッドを作成"),
+    "grid": ("Preview grid", "プレビューグリッド"),
+    # settings tab
+    "sd_scripts": ("sd-scripts folder (sd_scripts)", "sd-scripts フォルダ (sd_scripts)"),
+    "sd_scripts_info": (
+        "a kohya-ss/sd-scripts checkout, or a Kohya's GUI folder with sd-scripts/ in it",
+        "kohya-ss/sd-scripts のフォルダ、または sd-scripts/ を含む Kohya's GUI のフォルダ",
+    ),
+    "python": ("kohya's Python (python)", "kohya の Python (python)"),
+    "python_info": ("empty: the checkout's venv, else this Python", "空欄: sd-scripts の venv、なければこの Python"),
+    "output_dir": ("Output folder", "出力フォルダ"),
+    "language": ("Language (after a restart)", "言語（再起動後に反映）"),
+    "save_settings": ("Save settings", "設定を保存"),
+    "saved_settings": ("Saved to {path}", "{path} に保存しました"),
+    "doctor": ("copylora doctor", "copylora doctor"),
+    "sd_scripts_found": ("sd-scripts: {path}; kohya's Python: {python}", "sd-scripts: {path}、kohya の Python: {python}"),
+    "sd_scripts_missing": ("sd-scripts: not set (Settings)", "sd-scripts: 未設定（設定タブ）"),
+}
+
+
+def system_language() -> str:
+    """"ja" when the system locale is Japanese, else "en"."""
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name)
+        if value:
+            return "ja" if value.lower().startswith("ja") else "en"
+    code = locale.getlocale()[0] or ""
+    return "ja" if code.lower().startswith(("ja", "japanese")) else "en"
+
+
+class Texts:
+    """texts("key", **values): the page's text in one language."""
+
+    def __init__(self, language: str):
+        if language not in LANGUAGES:
+            raise ValueError(language)
+        self.language = language
+        self._column = LANGUAGES.index(language)
+
+    def __call__(self, key: str, **values: object) -> str:
+        text = TEXTS[key][self._column]
+        return text.format(**values) if values else text

@@ -1,0 +1,155 @@
+"""`copylora gui` without a browser: the install hint, the safety rules, the settings file, and the page's
+API driven by gradio_client (the merge through /merge equals the CLI's, tensor for tensor)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from copylora import gui
+from copylora.errors import CopyloraError
+from copylora.formats.synthetic import ModuleShape, random_lora
+from copylora.merge import main as merge_main
+from copylora.webui import settings as gui_settings
+from copylora.webui.i18n import LANGUAGES, TEXTS, Texts, system_language
+
+LAYOUT = [
+    ModuleShape("lora_unet_down_blocks_1_attentions_0_proj_in", 24, 24, (1, 1)),
+    ModuleShape("lora_unet_down_blocks_1_resnets_0_conv1", 20, 12, (3, 3)),
+    ModuleShape("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", 32, 40),
+    ModuleShape("lora_te_text_model_encoder_layers_0_mlp_fc1", 48, 16),
+]
+
+
+def lora_pair(folder: Path) -> tuple[Path, Path]:
+    """LoRA B and LoRA A, rank 8, small."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "B.safetensors", folder / "A.safetensors"
+    for seed, path in enumerate(paths):
+        save_file(random_lora(LAYOUT, 8, 4.0, seed + 1), str(path))
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_without_gradio_it_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    assert gui.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith('pip install "copylora[gui]"')
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "myhost.local"])
+def test_other_machines_need_a_password(host, capsys):
+    assert gui.main(["--host", host]) == 2
+    assert f"--host {host}: other machines could use the page" in capsys.readouterr().err
+    assert gui.credentials(host, "me:secret") == ("me", "secret")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_this_machine_needs_no_password(host):
+    assert gui.credentials(host, None) is None
+
+
+@pytest.mark.parametrize("auth", ["me", "me:", ":secret"])
+def test_a_half_given_password_is_refused(auth):
+    with pytest.raises(CopyloraError, match="--auth: give USER:PASS"):
+        gui.credentials("127.0.0.1", auth)
+
+
+def test_settings_round_trip_in_the_users_config_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert gui_settings.load() == gui_settings.Settings()
+    wanted = gui_settings.Settings(sd_scripts="/opt/sd-scripts", python="", output_dir=str(tmp_path / "out"),
+                                   language="ja")
+    path = gui_settings.save(wanted)
+    assert path == tmp_path / "config" / "copylora" / "gui.json"
+    assert gui_settings.load() == wanted
+    path.write_text("{not json")
+    with pytest.raises(CopyloraError, match=f"{path}: not a readable settings file"):
+        gui_settings.load()
+
+
+def test_every_text_has_both_languages():
+    for key, texts in TEXTS.items():
+        assert len(texts) == len(LANGUAGES) and all(text.strip() for text in texts), key
+    assert Texts("ja")("tab_copy_machine") == "コピー機"
+
+
+@pytest.mark.parametrize(("lang", "expected"), [("ja_JP.UTF-8", "ja"), ("en_US.UTF-8", "en"), ("C", "en")])
+def test_language_follows_the_locale(monkeypatch, lang, expected):
+    for name in ("LC_ALL", "LC_MESSAGES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", lang)
+    assert system_language() == expected
+
+
+# ---------------------------------------------------------------- the page's API, through gradio_client
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The page (English), served in this process on a free port; its URL and output folder."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_client")
+    from copylora.webui.app import build_app, serve
+    from copylora.webui.page import Page
+
+    root = tmp_path_factory.mktemp("gui")
+    settings = gui_settings.Settings(output_dir=str(root / "out"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(settings.uploads_path))
+        page = Page(Texts("en"), settings)
+        app = build_app(page)
+        url = serve(app, page, "127.0.0.1", free_port(), None, open_browser=False, block=False)
+        try:
+            yield url, page.output_dir, root
+        finally:
+            app.close()
+
+
+def test_merge_through_the_api_equals_the_cli(served):
+    from gradio_client import Client, handle_file
+
+    url, output_dir, root = served
+    b, a = lora_pair(root / "inputs")
+    client = Client(url, verbose=False)
+    summary, totals, table, spectrum, download = client.predict(
+        models=[handle_file(str(b)), handle_file(str(a))], ratios="1 -1", new_rank=16, save_precision="fp16",
+        clamp_quantile=1.0, save_to="api_diff.safetensors", api_name="/merge",
+    )
+    saved = output_dir / "api_diff.safetensors"
+    assert summary.startswith("merged 4 modules") and summary.endswith(totals) and str(saved) in summary
+    assert totals.startswith("fidelity vs exact delta: retained ") and "clamp loss 0.00%" in totals
+    assert "total" in table and Path(spectrum).is_file() and Path(download).read_bytes() == saved.read_bytes()
+
+    cli_out = root / "cli_diff.safetensors"
+    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
+                       "fp16", "--clamp_quantile", "1", "--save_to", str(cli_out), "--quiet"]) == 0
+    ours, theirs = load_file(str(saved)), load_file(str(cli_out))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+def test_bad_input_through_the_api_is_the_cli_line_and_writes_nothing(served):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, output_dir, root = served
+    b, _ = lora_pair(root / "inputs")
+    with pytest.raises(AppError) as caught:
+        Client(url, verbose=False).predict(models=[handle_file(str(b))], ratios="1 -1",
+                                           save_to="never.safetensors", api_name="/merge")
+    assert str(caught.value) == "copylora.merge: error: --ratios: 2 values for 1 models; give one ratio per model"
+    assert not (output_dir / "never.safetensors").exists()
