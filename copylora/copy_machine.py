@@ -25,7 +25,7 @@ from typing import Sequence
 
 import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP; kohya's scripts run without it)
 from copylora import preview
-from copylora.errors import CopyloraError, run_cli
+from copylora.errors import CopyloraError, run_cli, shown
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
 from copylora.reports import copy_machine_report
@@ -39,7 +39,7 @@ METHODS = ("subtract", "merged-base")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train LoRA A and LoRA B with kohya, then write the edit's LoRA.",
+        prog=shown(PROG), description="Train LoRA A and LoRA B with kohya, then write the edit's LoRA.",
         formatter_class=DefaultsHelpFormatter,
     )
     add_kohya_arguments(parser)
@@ -93,11 +93,11 @@ def copy_atomically(source: Path, target: Path) -> None:
 def train_or_reuse(label: str, job: kohya_job.TrainJob, steps: dict[str, str]) -> None:
     stamp = kohya_job.reusable(job)
     if stamp is not None:
-        print(f"{PROG}: LoRA {label}: reusing {job.lora_path}: images and config unchanged since "
+        print(f"{shown(PROG)}: LoRA {label}: reusing {job.lora_path}: images and config unchanged since "
               f"{stamp['trained_at']}", flush=True)
         steps[f"LoRA {label}"] = f"reused (trained {stamp['trained_at']} in {stamp['seconds']} s)"
         return
-    print(f"{PROG}: LoRA {label}: training with kohya's {job.script} (config {job.config_path})", flush=True)
+    print(f"{shown(PROG)}: LoRA {label}: training with kohya's {job.script} (config {job.config_path})", flush=True)
     _, seconds = kohya_job.train(job)
     steps[f"LoRA {label}"] = f"trained in {seconds:.1f} s"
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         jobs["B"] = plan("B", args.after, baking.output, base_to_come=True)
     else:
         jobs["B"] = plan("B", args.after, args.base)
-    warn(PROG, jobs["A"])
+    warn(shown(PROG), jobs["A"])
     merge_argv = [
         "--models", str(jobs["B"].lora_path), str(jobs["A"].lora_path), "--ratios", "1", "-1",
         "--new_rank", str(args.new_rank), "--save_precision", "fp16", "--save_to", str(output), "--device", args.device,
@@ -163,12 +163,12 @@ def run(args: argparse.Namespace) -> int:
         step = "LoRA B"
         train_or_reuse("B", jobs["B"], steps)
     except kohya_job.KohyaFailed as exc:
-        print(f"{PROG}: error: {step}: {exc}; rerun to resume", file=sys.stderr)
+        print(f"{shown(PROG)}: error: {step}: {exc}; rerun to resume", file=sys.stderr)
         return exc.code
 
     started = time.monotonic()
     if baking is None:
-        print(f"{PROG}: merging B - A into {output}", flush=True)
+        print(f"{shown(PROG)}: merging B - A into {output}", flush=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         fidelity = merge(merge_argv).fidelity
         steps["merge B - A"] = f"{time.monotonic() - started:.1f} s (copylora's merge, rank {args.new_rank})"
@@ -177,22 +177,22 @@ def run(args: argparse.Namespace) -> int:
         fidelity = "none lost: the output is LoRA B as kohya trained it (no SVD merge, no rank cut)"
         if args.delete_merged_base:
             kohya_bake.remove(baking)
-            print(f"{PROG}: deleted the merged checkpoint {baking.output}", flush=True)
+            print(f"{shown(PROG)}: deleted the merged checkpoint {baking.output}", flush=True)
             steps["bake A into the base"] += "; deleted after B was trained"
 
     grid = None
     if previewing is not None:
-        print(f"{PROG}: preview of {output}", flush=True)
+        print(f"{shown(PROG)}: preview of {output}", flush=True)
         try:
             grid, seconds = preview.render(preview.plan(preview.parse(previewing)))
         except kohya_job.KohyaFailed as exc:
-            print(f"{PROG}: error: preview: {exc}; the LoRA is written: {output}", file=sys.stderr)
+            print(f"{shown(PROG)}: error: preview: {exc}; the LoRA is written: {output}", file=sys.stderr)
             return exc.code
         steps["preview"] = f"{seconds:.1f} s (kohya's gen_img)"
 
     report = copy_machine_report.write(args, jobs, baking, steps, merge_argv if baking is None else None,
                                        fidelity, grid)
-    print(f"{PROG}: report: {report}")
+    print(f"{shown(PROG)}: report: {report}")
     print(output)
     return 0
 
@@ -215,11 +215,11 @@ def _bake_unless_settled(jobs: dict[str, kohya_job.TrainJob], baking: kohya_bake
         return
     stamp = kohya_bake.reusable(baking, fingerprint)
     if stamp is not None:
-        print(f"{PROG}: merged checkpoint: reusing {baking.output} (baked {stamp['baked_at']})", flush=True)
+        print(f"{shown(PROG)}: merged checkpoint: reusing {baking.output} (baked {stamp['baked_at']})", flush=True)
         steps["bake A into the base"] = f"reused (baked {stamp['baked_at']} in {stamp['seconds']} s)"
         return
     kohya_bake.check_free_space(baking)
-    print(f"{PROG}: baking A into the base with kohya's {baking.script} -> {baking.output}", flush=True)
+    print(f"{shown(PROG)}: baking A into the base with kohya's {baking.script} -> {baking.output}", flush=True)
     seconds = kohya_bake.bake(baking, fingerprint)
     steps["bake A into the base"] = f"baked in {seconds:.1f} s ({baking.output}, " \
                                     f"{baking.output.stat().st_size / 1e9:.2f} GB)"

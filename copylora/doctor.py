@@ -12,14 +12,15 @@ import torch
 
 from copylora import __version__
 from copylora.engine import ops
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 from copylora.runtime.extension_build import KERNEL_LABELS, BuildRecord
 
+PROG = "copylora.doctor"
 
 def build_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
-        prog="python -m copylora.doctor",
+        prog=shown(PROG),
         description=(
             "Report the torch build, whether copylora's C++/CUDA extension (copylora._C) is built and "
             "loads, with which kernels, and which backend `--backend auto` picks on the CPU and on CUDA."
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("copylora.doctor", lambda a: run(build_parser().parse_args(a)), argv)
+    return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

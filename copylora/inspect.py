@@ -14,10 +14,11 @@ from typing import Sequence
 
 import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.pipelines.fidelity import Summary, block_summaries, format_table, render_table, totals_line
 from copylora.pipelines.inspection import inspect_lora, rank_rows
 from copylora.reports.spectrum_plot import check_plot_path, plot_spectra
+from copylora.runtime.arg_types import finite_float, finite_lbw
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.inspect"
@@ -25,7 +26,7 @@ PROG = "copylora.inspect"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=shown(PROG),
         description="Per block (text encoder, down/mid/up blocks): the ranks of a merged LoRA and, given the "
         "models it was merged from, how much of the exact delta it keeps and what the clamp and the save "
         "dtype's rounding cost (all relative Frobenius norms).",
@@ -34,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("lora", type=Path, help="the merged LoRA (.safetensors, .ckpt, .pt)")
     parser.add_argument("--against", type=Path, nargs="+", default=None,
                         help="the models it was merged from, as given to --models")
-    parser.add_argument("--ratios", type=float, nargs="+", default=None,
+    parser.add_argument("--ratios", type=finite_float, nargs="+", default=None,
                         help="their ratios, as given to the merge (B - A: --ratios 1 -1)")
-    parser.add_argument("--lbws", type=str, nargs="+", default=None, help="their block weights, if the merge had any")
+    parser.add_argument("--lbws", type=finite_lbw, nargs="+", default=None, help="their block weights, if the merge had any")
     parser.add_argument("--clamp_quantile", type=float, default=None,
                         help="the merge's clamp quantile (default: read off the file)")
     parser.add_argument("--plot", type=Path, default=None,

@@ -14,10 +14,11 @@ from typing import Sequence
 
 import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS
 from copylora.pipelines.svd_merge import PRECISIONS, MergeRequest, MergeSummary, merge_files
 from copylora.runtime import command_process
+from copylora.runtime.arg_types import finite_float, finite_lbw
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 from copylora.runtime.progress import ModuleProgress
 
@@ -26,7 +27,7 @@ PROG = "copylora.merge"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=shown(PROG),
         description="Merge LoRAs by SVD like kohya's svd_merge_lora.py (same flags, same file format), "
         "computing each module's SVD from its factors instead of the dense weight.",
         formatter_class=DefaultsHelpFormatter,
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precision of the inputs during the merge (the SVD itself always runs in float32)")
     parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt or .pt (required)")
     parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge: .safetensors, .ckpt, .pt (required)")
-    parser.add_argument("--ratios", type=float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1) (required)")
-    parser.add_argument("--lbws", type=str, nargs="*",
+    parser.add_argument("--ratios", type=finite_float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1) (required)")
+    parser.add_argument("--lbws", type=finite_lbw, nargs="*",
                         help="one block-weight JSON list per model, of length 12, 17, 20 or 26")
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the output LoRA")
     parser.add_argument("--new_conv_rank", type=int, default=None,

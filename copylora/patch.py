@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.kohya import checkout as sd_checkout
 from copylora.kohya.job import default_python
+from copylora.runtime import shell_words
 from copylora.runtime.cli_help import RawDescriptionDefaultsHelpFormatter
 
 EPILOG = """exit codes: install: 0 done, 1 installed but kohya's Python cannot import copylora yet (the
@@ -21,9 +22,11 @@ status: 0 every script is patched, 1 a script is not installed, 3 modified by so
 all: 2 bad input (not an sd-scripts folder, a refused install/uninstall)."""
 
 
+PROG = "copylora.patch"
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m copylora.patch",
+        prog=shown(PROG),
         description=(
             "Make an sd-scripts checkout (or the sd-scripts/ folder of a Kohya's GUI install) run "
             "copylora's merge and resize when `python networks/svd_merge_lora.py ...` or "
@@ -76,17 +79,18 @@ def run(args: argparse.Namespace) -> int:
     problem = sd_checkout.import_problem(python, root)
     if problem is not None:
         print(
-            f"copylora.patch: warning: {python} cannot import copylora ({problem}); until it can, the "
+            f"{shown(PROG)}: warning: {python} cannot import copylora ({problem}); until it can, the "
             f"patched scripts run the kept originals. Install it there: {sd_checkout.pip_install_command(python)}",
             file=sys.stderr,
         )
         return 1
-    print(f"{python} imports copylora: the patched scripts run it (undo: python -m copylora.patch uninstall --sd-scripts {root})")
+    undo = f"{shown(PROG)} uninstall --sd-scripts {shell_words.quote(str(root))}"
+    print(f"{python} imports copylora: the patched scripts run it (undo: {undo})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("copylora.patch", lambda a: run(build_parser().parse_args(a)), argv)
+    return run_cli(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """`copylora preview`: a LoRA at several strengths, same seeds and prompts, made by kohya's own gen_img.py.
 
-    python -m copylora.preview --sd-scripts DIR --base MODEL --lora FILE --out DIR
+    python -m copylora.preview --sd-scripts DIR --base MODEL (--lora FILE | --loras FILE FILE ...) --out DIR
                                [--strengths 0 0.5 1] [--seeds 1 2 3] [--prompt TEXT ... | --prompts FILE]
                                [--width W --height H --steps N] [--python PY] [--sdxl] [--dry-run]
                                [-- GEN_IMG_ARGS ...]
 
-Writes OUT/grid.png (one row per prompt and seed, one column per strength, labelled), the single
-images in OUT/images/ and the prompts file gen_img read, OUT/prompts.txt. Anything after `--` goes
-to gen_img.py unchanged (offline: `-- --tokenizer_cache_dir DIR`).
+Writes OUT/grid.png (one row per prompt, seed and LoRA, one column per strength, then the ΔE
+heatmap of the strongest strength against strength 0; each cell captioned with its structure kept
+and colour change), OUT/scores.json and scores.csv (every cell measured against strength 0 of its
+prompt and seed: copylora/reports/image_measures.py), the single images in OUT/images/, the
+heatmaps in OUT/differences/ and the prompts file gen_img read, OUT/prompts.txt. The last line
+printed is the medians at each strength. Anything after `--` goes to gen_img.py unchanged
+(offline: `-- --tokenizer_cache_dir DIR`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from copylora.errors import run_cli
 from copylora.kohya import generate
 from copylora.kohya import job as kohya_job
 from copylora.kohya.checkout import find_checkout
-from copylora.reports import grid
+from copylora.reports import grid, image_measures, preview_scores
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.preview"
@@ -36,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kohya-ss/sd-scripts checkout (or a Kohya's GUI folder with sd-scripts/ in it)")
     parser.add_argument("--base", required=True, type=Path, metavar="MODEL",
                         help="base model: .safetensors/.ckpt file or diffusers folder")
-    parser.add_argument("--lora", required=True, type=Path, metavar="FILE", help="the LoRA to look at")
+    loras = parser.add_mutually_exclusive_group(required=True)
+    loras.add_argument("--lora", type=Path, metavar="FILE", help="the LoRA to look at")
+    loras.add_argument("--loras", type=Path, nargs="+", metavar="FILE",
+                       help="several LoRAs side by side (e.g. exact and clamped merge, rank 8 and 16): "
+                            "one gen_img run, one grid, one scores table")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="gets grid.png, images/ and prompts.txt")
+                        help="gets grid.png, scores.json, scores.csv, images/, differences/ and prompts.txt")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0], metavar="M",
-                        help="the LoRA's multipliers, one column each (negative allowed)")
+                        help="the LoRA's multipliers, one column each (negative allowed; 0, the reference, "
+                             "is always made)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], metavar="SEED", help="one row each")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
@@ -74,22 +83,43 @@ def plan(args: argparse.Namespace) -> generate.PreviewJob:
         prompts = [generate.parse_prompt(text, f"--prompt {text!r}") for text in args.prompt or [""]]
     size = 1024 if args.sdxl else 512
     return generate.plan(sd_scripts, kohya_job.kohya_python(args.python, sd_scripts), args.sdxl, args.base,
-                         args.lora, args.out, prompts, args.seeds, args.strengths, args.width or size,
+                         args.loras or [args.lora], args.out, prompts, args.seeds, args.strengths, args.width or size,
                          args.height or size, args.steps, args.gen_img_args)
 
 
+def _prompt_text(prompt: generate.Prompt) -> str:
+    return " ".join(part for part in (prompt.text, prompt.options) if part)
+
+
 def render(job: generate.PreviewJob) -> tuple[Path, float]:
-    """Run gen_img and lay the images out; the grid's path and gen_img's seconds."""
+    """Run gen_img, measure every cell against strength 0 and lay it all out; the grid's path and gen_img's
+    seconds."""
     images, seconds = generate.generate(job)
-    strengths = sorted({cell.column: cell.strength for cell in job.cells}.items())
+    strengths = [strength for _, strength in sorted({cell.column: cell.strength for cell in job.cells}.items())]
+    strongest = max(strengths, key=lambda strength: (abs(strength), strength))
     several_prompts = len({cell.prompt for cell in job.cells}) > 1
-    rows: dict[int, list[Path]] = {}
-    labels: dict[int, str] = {}
-    for cell, image in zip(job.cells, images):
-        rows.setdefault(cell.row, []).append(image)
-        labels[cell.row] = f"seed {cell.seed}" + (f"\n{cell.prompt.label[:24]}" if several_prompts else "")
-    grid.contact_sheet([rows[r] for r in sorted(rows)], [labels[r] for r in sorted(rows)],
-                       [f"strength {strength:g}" for _, strength in strengths], job.grid_path)
+    rows: dict[int, list[generate.Cell]] = {}
+    for cell in job.cells:
+        rows.setdefault(cell.row, []).append(cell)
+    image_of = dict(zip(job.cells, images))
+    pictures, labels, captions, scores = [], [], [], []
+    for row in rows.values():
+        first = row[0]
+        labels.append(f"seed {first.seed}" + (f"\n{first.prompt.label[:24]}" if several_prompts else "")
+                      + (f"\n{first.lora + 1}: {job.loras[first.lora].name[:21]}" if len(job.loras) > 1 else ""))
+        reference = image_measures.read_rgb(next(image_of[cell] for cell in row if cell.strength == 0))
+        measured = [(cell, *image_measures.compare(reference, image_measures.read_rgb(image_of[cell]))) for cell in row]
+        scores += [preview_scores.Score(_prompt_text(cell.prompt), cell.seed, str(job.loras[cell.lora]), cell.strength,
+                                        str(image_of[cell]), measures) for cell, measures, _ in measured]
+        strong_cell, strong_measures, delta_e = next(item for item in measured if item[0].strength == strongest)
+        heatmap = job.differences_dir / image_of[strong_cell].name
+        image_measures.write_png(image_measures.heatmap(delta_e), heatmap)
+        pictures.append([image_of[cell] for cell in row] + [heatmap])
+        captions.append(["reference" if cell.strength == 0 else measures.headline for cell, measures, _ in measured]
+                        + [f"changed {strong_measures.changed_share:.0%}"])
+    columns = [f"strength {strength:g}" for strength in strengths] + [f"dE {strongest:g} vs 0"]
+    grid.contact_sheet(pictures, labels, columns, job.grid_path, captions)
+    preview_scores.write(scores, job.out)
     return job.grid_path, seconds
 
 
@@ -98,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(job.describe(), end="")
         return 0
-    print(f"{PROG}: {len(job.cells)} images with kohya's {job.script} (prompts {job.prompts_path})", flush=True)
+    print(f"{PROG}: {len(job.shots)} images with kohya's {job.script} (prompts {job.prompts_path})", flush=True)
     try:
         path, seconds = render(job)
     except kohya_job.KohyaFailed as exc:
@@ -106,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return exc.code
     print(f"{PROG}: done in {seconds:.0f} s; single images in {job.images_dir}")
     print(path)
+    print(f"{PROG}: {preview_scores.summary(preview_scores.read(job.out / 'scores.json'))}")
     return 0
 
 

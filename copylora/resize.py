@@ -14,7 +14,7 @@ from typing import Sequence
 
 import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.merge import configure_logging
 from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS
 from copylora.pipelines.svd_merge import PRECISIONS
@@ -26,9 +26,19 @@ from copylora.runtime.progress import ModuleProgress
 PROG = "copylora.resize"
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=shown(PROG),
         description="Resize a LoRA like kohya's resize_lora.py (same flags, same file format), "
         "computing each module's SVD from its factors instead of the dense weight.",
         formatter_class=DefaultsHelpFormatter,
@@ -52,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic_param", type=float, default=None,
                         help="target of --dynamic_method: sv_ratio: largest/smallest kept value (>= 1); "
                         "sv_fro: fraction of the Frobenius norm kept; sv_cumulative: fraction of the sum of values kept")
+    parser.add_argument("--svd_lowrank_niter", type=non_negative_int, default=2,
+                        help="accepted as newer resize_lora.py accepts it (Kohya's GUI always passes it); changes "
+                        "nothing: kohya uses it for a randomised svd_lowrank of large dense matrices, copylora's SVD "
+                        "is exact, computed from the factors")
     # copylora's own options
     parser.add_argument("--backend", type=str, default="auto", choices=list(BACKEND_CHOICES),
                         help="engine: ext = the C++/CUDA extension, torch = pure torch; auto = ext when it is built")

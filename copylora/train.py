@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.errors import CopyloraError, run_cli
+from copylora.errors import CopyloraError, run_cli, shown
 from copylora.kohya import job as kohya_job
 from copylora.kohya.checkout import find_checkout
 from copylora.kohya.options import KohyaOptions, Preset, load_preset, preset_path
@@ -49,7 +49,7 @@ def add_kohya_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train one overfit LoRA with kohya's train_network.py.", formatter_class=DefaultsHelpFormatter
+        prog=shown(PROG), description="Train one overfit LoRA with kohya's train_network.py.", formatter_class=DefaultsHelpFormatter
     )
     add_kohya_arguments(parser)
     parser.add_argument("--images", required=True, type=Path, metavar="PATH", help="one image, or a folder of images")
@@ -83,18 +83,18 @@ def run(args: argparse.Namespace) -> int:
     sd_scripts, python, options, preset = setup(args)
     job = kohya_job.plan(sd_scripts, python, options, preset, args.sets, args.base, args.images,
                          args.output_dir, args.name, accelerate_args(args))
-    warn(PROG, job)
+    warn(shown(PROG), job)
     if args.dry_run:
         print(job.describe(), end="")
         return 0
-    print(f"{PROG}: training {job.lora_path} with kohya's {job.script} (config {job.config_path})", flush=True)
+    print(f"{shown(PROG)}: training {job.lora_path} with kohya's {job.script} (config {job.config_path})", flush=True)
     try:
         lora, seconds = kohya_job.train(job)
     except kohya_job.KohyaFailed as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{shown(PROG)}: error: {exc}", file=sys.stderr)
         return exc.code
     ranks = sorted({module.rank for module in lora.modules.values()})
-    print(f"{PROG}: done in {seconds:.0f} s: {len(lora.modules)} LoRA modules, rank {'/'.join(map(str, ranks))}")
+    print(f"{shown(PROG)}: done in {seconds:.0f} s: {len(lora.modules)} LoRA modules, rank {'/'.join(map(str, ranks))}")
     print(job.lora_path)
     return 0
 

@@ -3,9 +3,12 @@
 Like the stand-in training scripts (test_train_fakes.py), each builds its parser from kohya's real
 argparse dump, so an option copylora emits that kohya lacks fails here too. The merge script
 writes a small "checkpoint" whose bytes depend on the base and the LoRA; the generator reads the
-prompts file the way gen_img.py does (blank and # lines skipped, `--d SEED`, `--am M`, the rest cut
-at " --") and writes one PNG per line, sequentially named, with gen_img's "seed" PNG text.
-Every run is logged to $FAKE_KOHYA_LOG.
+prompts file the way gen_img.py does (blank and # lines skipped, `--d SEED`, `--am M1,M2,…`, the rest
+cut at " --") and writes one PNG per line, sequentially named, with gen_img's "seed" PNG text.
+Its picture has known answers for copylora's measures: 4 x 4-pixel blocks of colour drawn from the
+prompt and seed; network 1 at multiplier M moves each pixel M of the way to its grey (M = 1: its
+Rec. 601 greyscale, nearly the same structure; M < 0: more colourful), and network 2 does the same and also
+shifts the picture right by 4M pixels (a composition change). Every run is logged to $FAKE_KOHYA_LOG.
 """
 
 from __future__ import annotations
@@ -56,19 +59,30 @@ if __name__ == "__main__":
         for part in parts[1:]:
             n = re.match(r"am ([\\d\\.\\-,]+)", part)
             if n:
-                am = float(n.group(1))
+                values = [float(v) for v in n.group(1).split(",")]
+                am = values[0] if len(values) == 1 else values
         cells.append({"prompt": parts[0], "options": parts[1:], "seed": seed, "am": am})
     log({"cells": cells, "outdir": args.outdir, "W": args.W, "H": args.H, "steps": args.steps})
     if os.environ.get("FAKE_GEN_EXIT"):
         print("fake gen_img: failing on purpose", file=sys.stderr)
         sys.exit(int(os.environ["FAKE_GEN_EXIT"]))
+    import numpy as np
     from PIL import Image, PngImagePlugin
     os.makedirs(args.outdir, exist_ok=True)
     for i, cell in enumerate(cells[: len(cells) - int(os.environ.get("FAKE_GEN_SKIP", "0"))]):
-        shade = hashlib.sha256(json.dumps(cell).encode()).digest()
+        scene = [cell["prompt"], [o for o in cell["options"] if not o.startswith("am ")], cell["seed"]]
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(json.dumps(scene).encode()).digest()[:8], "big"))
+        picture = rng.integers(0, 256, (-(-args.H // 4), -(-args.W // 4), 3)).astype(float)
+        picture = picture.repeat(4, axis=0).repeat(4, axis=1)[: args.H, : args.W]
+        muls = cell["am"] if isinstance(cell["am"], list) else [cell["am"]]
+        for network, mul in enumerate(muls[:2]):
+            grey = picture @ [0.299, 0.587, 0.114]
+            picture = picture + mul * (grey[..., None] - picture)
+            if network == 1:
+                picture = np.roll(picture, round(4 * mul), axis=1)
         info = PngImagePlugin.PngInfo()
         info.add_text("seed", str(cell["seed"]))
-        Image.new("RGB", (args.W, args.H), tuple(shade[:3])).save(
+        Image.fromarray(np.clip(picture, 0, 255).round().astype(np.uint8), "RGB").save(
             os.path.join(args.outdir, f"im_{i + 1:06d}.png"), pnginfo=info)
 '''
 

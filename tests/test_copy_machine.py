@@ -259,7 +259,7 @@ def test_merged_base_refuses_when_the_disk_is_too_small(setup, capsys, monkeypat
     # the base holds 3000 values: 12000 bytes (+5%) at float do not fit in 9 kB, 6000 at fp16 do
     assert copy_machine.main(setup.args("--method", "merged-base", "--bake-precision", "float")) == 2
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error == (f"copylora.copy_machine: error: {setup.work}: the merged checkpoint (base + A, float) needs about "
+    assert error == (f"python -m copylora.copy_machine: error: {setup.work}: the merged checkpoint (base + A, float) needs about "
                      "12600 bytes, only 9000 bytes free there; free some space or pass --work-dir on a bigger disk")
     assert setup.trained() == []
     assert copy_machine.main(setup.args("--method", "merged-base")) == 0

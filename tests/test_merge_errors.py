@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from copylora.formats.lora_file import write_lora
 from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
 
@@ -25,7 +24,8 @@ SMALL = [
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    write_lora(path, tensors, metadata or {"ss_network_dim": "4"})
+    """safetensors' own writer: it writes the NaN/Inf inputs that copylora's writer refuses to."""
+    save_file(tensors, str(path), metadata or {"ss_network_dim": "4"})
     return path
 
 
@@ -62,7 +62,7 @@ def assert_refused(result: Result, *needles: str) -> None:
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, result.stderr  # one line (INFO lines may precede it)
-    assert errors[0].startswith("copylora.merge: error: ")
+    assert errors[0].startswith("python -m copylora.merge: error: ")
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
 
@@ -257,3 +257,119 @@ def test_finite_check_is_exact(dtype):
         assert not is_finite(values)
     inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # sums to NaN, not to a finite value
     assert not is_finite(inf_pair)
+
+
+# ---------------------------------------------------------------- issue 19's findings
+
+
+@pytest.mark.parametrize("ratio", ["nan", "inf", "1e39"])
+def test_a_ratio_no_merge_can_use_is_refused_while_parsing(run_merge, tmp_path, pair, ratio):
+    """It used to reach the engine: "merge_group: a factor contains NaN or Inf" or LinAlgError."""
+    out = tmp_path / "out.safetensors"
+    result = run_merge("--models", *map(str, pair), "--ratios", "1", ratio, "--save_to", str(out))
+    assert_refused(result, repr(ratio), "not a usable number")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("weight", ["NaN", "Infinity", "-Infinity", "1e39"])
+def test_a_block_weight_no_merge_can_use_is_refused_while_parsing(run_merge, tmp_path, pair, weight):
+    vector = "[" + ",".join(["1"] * 16 + [weight]) + "]"
+    check_case(run_merge, tmp_path, list(pair), ["--lbws", vector, vector], ["--lbws", "finite number"])
+
+
+def test_inspect_refuses_a_nan_ratio(tmp_path, pair, capsys):
+    from copylora.inspect import main as inspect_main
+
+    code = inspect_main([str(pair[0]), "--against", str(pair[1]), "--ratios", "nan"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not a usable number" in err, err
+
+
+@pytest.mark.parametrize("seed", [3, 5, 12], ids=["KeyError", "UnicodeDecodeError", "IndexError"])
+def test_random_bytes_as_a_checkpoint(run_merge, tmp_path, pair, seed):
+    """4096 random bytes: torch.load fails with any error type (ids: what these seeds raise in it)."""
+    bad = tmp_path / "noise.ckpt"
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    bad.write_bytes(noise.numpy().tobytes())
+    check_case(run_merge, tmp_path, [pair[0], bad], [], ["noise.ckpt", "not a readable torch checkpoint"])
+
+
+def test_a_checkpoint_zip_missing_its_pickle(run_merge, tmp_path, pair):
+    """A torch.save zip with data.pkl renamed: torch.load failed with KeyError."""
+    import zipfile
+
+    good, bad = tmp_path / "good.ckpt", tmp_path / "broken.ckpt"
+    torch.save({"m.lora_down.weight": torch.ones(2, 4)}, good)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename.replace("data.pkl", "data.pk_"), source.read(info))
+    check_case(run_merge, tmp_path, [pair[0], bad], [], ["broken.ckpt", "not a readable torch checkpoint"])
+
+
+def test_a_protocol_4_pickle_is_refused_in_one_line_with_the_reason(run_merge, tmp_path, pair):
+    """torch printed two UserWarning lines first, and the refusal was cut before its point."""
+    evil = tmp_path / "evil4.pt"
+    evil.write_bytes(b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x05echo\x94\x85\x94R\x94.")
+    out = tmp_path / "out.safetensors"
+    result = run_merge(*merge_args([pair[0], evil], out), "--quiet")
+    assert_refused(result, "evil4.pt", "refused", "arbitrary code")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_module_with_no_values_is_refused_by_name(run_merge, tmp_path, pair):
+    """lora_down (4, 0) used to be written as a rank-0 module with alpha 0."""
+    tensors = random_lora(SMALL, 4, 1.0, 5)
+    name = SMALL[1].name
+    tensors[f"{name}.lora_down.weight"] = torch.zeros(4, 0, dtype=torch.float16)
+    bad = write(tmp_path / "empty.safetensors", tensors)
+    check_case(run_merge, tmp_path, [bad], [], ["empty.safetensors", name, "no values"])
+
+
+def test_a_file_name_with_a_newline_stays_one_line(run_merge, tmp_path, pair):
+    odd = tmp_path / "two\nlines.safetensors"
+    odd.write_bytes(b"\xff" * 8)
+    out = tmp_path / "out.safetensors"
+    result = run_merge(*merge_args([pair[0], odd], out), "--quiet")
+    assert_refused(result, "two\\nlines.safetensors")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_is_refused_before_the_work(run_merge, tmp_path, pair):
+    result = run_merge(*merge_args(list(pair), Path("/proc/x.safetensors")), "--quiet")
+    assert_refused(result, "/proc/x.safetensors", "cannot write in /proc")
+    assert "merged" not in result.stderr
+
+
+def test_an_alpha_past_fp16_is_refused_not_written_as_inf(run_merge, tmp_path):
+    """alpha 3e38 and fp16: the merged lora_up used to be saved as Inf, exit 0."""
+    tensors = random_lora(SMALL, 4, 1.0, 6)
+    tensors[f"{SMALL[0].name}.alpha"] = torch.tensor(3e38)
+    big = write(tmp_path / "big.safetensors", tensors)
+    check_case(run_merge, tmp_path, [big], ["--save_precision", "fp16"],
+               ["out.safetensors", SMALL[0].name, "NaN or Inf in float16", "--save_precision float"])
+
+
+def test_large_ratios_past_fp16_are_refused(run_merge, tmp_path):
+    tensors = {k: (v * 300 if v.dim() else v) for k, v in random_lora(SMALL, 4, 4.0, 7).items()}
+    big = write(tmp_path / "big.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    result = run_merge("--models", str(big), str(big), "--ratios", "100", "100", "--save_to", str(out),
+                       "--save_precision", "fp16")
+    assert_refused(result, "out.safetensors", "NaN or Inf in float16")
+    assert not out.exists() and not list(tmp_path.glob(".out.safetensors.*"))
+
+
+def test_resize_refuses_to_write_an_infinite_alpha(tmp_path, capsys):
+    """alpha 3e38 of rank 4 resized to rank 8: alpha = 6e38 used to be written as inf."""
+    from copylora.resize import main as resize_main
+
+    tensors = random_lora(SMALL, 4, 1.0, 8)
+    tensors[f"{SMALL[1].name}.alpha"] = torch.tensor(3e38)
+    big = write(tmp_path / "big.safetensors", tensors)
+    out = tmp_path / "small.safetensors"
+    code = resize_main(["--model", str(big), "--new_rank", "8", "--save_to", str(out), "--backend", "torch", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{SMALL[1].name}.alpha would be saved as NaN or Inf" in err
+    assert not out.exists() and not list(tmp_path.glob(".small.safetensors.*"))

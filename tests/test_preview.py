@@ -1,14 +1,18 @@
-"""`copylora preview` against a stand-in gen_img.py (tests/kohya_tool_fakes.py): command line, prompts file, grid."""
+"""`copylora preview` against a stand-in gen_img.py (tests/kohya_tool_fakes.py): command line, prompts file, grid,
+scores and difference column."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from copylora import cli, preview
-from copylora.reports import grid
+from copylora.reports import grid, image_measures
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
@@ -47,10 +51,17 @@ def test_dry_run_prints_the_command_and_the_prompts(kohya, capsys):
     assert not kohya.out.exists() and kohya.gen_runs() == []
 
 
+def cell_of(sheet: Image.Image, layout: dict, r: int, c: int) -> Image.Image:
+    (x0, y0), (w, h) = layout["origin"], layout["cell"]
+    x, y = x0 + c * layout["column_step"], y0 + r * layout["row_step"]
+    return sheet.crop((x, y, x + w, y + h))
+
+
 def test_grid_of_every_strength_and_seed(kohya, capsys):
     assert cli.main(["preview", *kohya.args("--seeds", "1", "2", "--strengths", "0", "0.5", "1", "-0.5",
                                             "--prompt", "a cat --n blurry")]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(kohya.out / "grid.png")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2] == str(kohya.out / "grid.png") and ": medians over 2 image(s) per strength, against strength 0: strength 0.5: structure" in out[-1]
     (run,) = kohya.gen_runs()
     assert run["cwd"] == str(kohya.sd_scripts) and (run["W"], run["H"], run["steps"]) == (16, 24, 20)
     assert [(c["prompt"], c["options"], c["seed"], c["am"]) for c in run["cells"][:2]] == [
@@ -59,21 +70,92 @@ def test_grid_of_every_strength_and_seed(kohya, capsys):
 
     layout = grid.read_layout(kohya.out / "grid.png")
     assert layout["rows"] == ["seed 1", "seed 2"]
-    assert layout["columns"] == ["strength 0", "strength 0.5", "strength 1", "strength -0.5"]
+    assert layout["columns"] == ["strength 0", "strength 0.5", "strength 1", "strength -0.5", "dE 1 vs 0"]
     kept = sorted(p.name for p in (kohya.out / "images").glob("*.png"))
-    assert len(kept) == 8 and "r01_seed2_strength-0.5.png" in kept and not (kohya.out / ".gen_img").exists()
+    assert len(kept) == 8 and "p00_seed2_strength-0.5.png" in kept and not (kohya.out / ".gen_img").exists()
+    assert [Path(row[-1]) for row in layout["images"]] == [kohya.out / "differences" / "p00_seed1_strength+1.png",
+                                                           kohya.out / "differences" / "p00_seed2_strength+1.png"]
     sheet = Image.open(kohya.out / "grid.png").convert("RGB")
-    (x0, y0), (w, h), pad = layout["origin"], layout["cell"], layout["pad"]
+    (x0, y0), (w, h) = layout["origin"], layout["cell"]
     assert (w, h) == (16 * 8, 24 * 8)  # enlarged 8x to at least 128 px
     for r, row in enumerate(layout["images"]):
         for c, path in enumerate(row):
-            cell = sheet.crop((x0 + c * (w + pad), y0 + r * (h + pad), x0 + c * (w + pad) + w, y0 + r * (h + pad) + h))
             single = Image.open(path).convert("RGB")
-            assert cell.getcolors() == [(w * h, single.getpixel((0, 0)))]  # the fake paints one colour per cell
-    colours = {Image.open(p).getpixel((0, 0)) for row in layout["images"] for p in row}
-    assert len(colours) == 8  # every cell its own picture
+            assert cell_of(sheet, layout, r, c).tobytes() == single.resize((w, h), Image.Resampling.NEAREST).tobytes()
+    pictures = {Image.open(p).tobytes() for row in layout["images"] for p in row[:-1]}
+    assert len(pictures) == 8  # every cell its own picture
     header = sheet.crop((x0, 0, x0 + w, y0)).convert("L")
     assert header.getextrema()[0] < 128  # a label is drawn
+    caption = sheet.crop((x0, y0 + h, x0 + w, y0 + layout["row_step"])).convert("L")
+    assert caption.getextrema()[0] < 128  # and a caption
+
+
+def test_scores_and_difference_column_cell_for_cell(kohya, capsys):
+    assert preview.main(kohya.args("--seeds", "1", "2", "--strengths", "0", "0.5", "1", "-0.5")) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    layout = grid.read_layout(kohya.out / "grid.png")
+    document = json.loads((kohya.out / "scores.json").read_text(encoding="utf-8"))
+    assert document["changed_delta_e"] == image_measures.CHANGED_DELTA_E
+    rows = document["cells"]
+    with open(kohya.out / "scores.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [{k: str(v) for k, v in row.items()} for row in rows] == table
+    assert [(row["seed"], row["strength"]) for row in rows] == [(s, m) for s in (1, 2) for m in (0, 0.5, 1, -0.5)]
+    for r, images in enumerate(layout["images"]):
+        reference = image_measures.read_rgb(Path(images[0]))
+        for c, path in enumerate(images[:-1]):
+            row = rows[4 * r + c]
+            measures, delta_e = image_measures.compare(reference, image_measures.read_rgb(Path(path)))
+            assert row["image"] == path and row["lora"] == str(kohya.lora) and row["prompt"] == ""
+            assert {k: row[k] for k in measures.as_dict()} == measures.as_dict()
+            assert layout["captions"][r][c] == ("reference" if c == 0 else measures.headline)
+            if row["strength"] == 1:  # the difference column: this cell's ΔE heatmap
+                assert np.array_equal(image_measures.read_rgb(Path(images[-1])), image_measures.heatmap(delta_e))
+                assert layout["captions"][r][-1] == f"changed {measures.changed_share:.0%}"
+    by_strength = {m: [row for row in rows if row["strength"] == m] for m in (0, 0.5, 1, -0.5)}
+    assert all(row["structure_kept"] == 1 and row["delta_e"] == 0 for row in by_strength[0])
+    # the stand-in turns its picture grey at strength 1: structure nearly kept, chroma lost, visible everywhere
+    assert all(row["structure_kept"] > 0.9 and row["delta_chroma"] < -30 and row["changed_share"] > 0.9
+               for row in by_strength[1])
+    assert all(row["delta_chroma"] > 0 for row in by_strength[-0.5])  # more colourful
+    median = float(np.median([row["structure_kept"] for row in by_strength[1]]))
+    assert f"strength 1: structure {median:.2f}, ΔE" in summary
+
+
+def test_strength_0_is_always_made(kohya):
+    assert preview.main(kohya.args("--seeds", "4", "--strengths", "1")) == 0
+    assert [c["am"] for c in kohya.gen_runs()[0]["cells"]] == [0.0, 1.0]
+    assert grid.read_layout(kohya.out / "grid.png")["columns"] == ["strength 0", "strength 1", "dE 1 vs 0"]
+
+
+def test_sweep_of_two_loras_in_one_run(kohya, capsys):
+    other = kohya.root / "rank16.safetensors"
+    other.write_bytes(b"another LoRA")
+    args = kohya.args("--seeds", "1", "2", "--strengths", "0", "1")
+    args[args.index("--lora"):args.index("--lora") + 2] = ["--loras", str(kohya.lora), str(other)]
+    assert preview.main(args) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    (run,) = kohya.gen_runs()
+    argv = run["argv"]
+    assert argv[argv.index("--network_module"):argv.index("--W")] == [
+        "--network_module", "networks.lora", "networks.lora", "--network_weights", str(kohya.lora), str(other),
+        "--network_mul", "1", "1"]
+    # strength 0 once per seed, shared by both LoRAs' rows
+    assert [(c["seed"], c["am"]) for c in run["cells"]] == [(s, m) for s in (1, 2)
+                                                            for m in ([0.0, 0.0], [1.0, 0.0], [0.0, 1.0])]
+    layout = grid.read_layout(kohya.out / "grid.png")
+    assert layout["rows"] == ["seed 1\n1: edit.safetensors", "seed 1\n2: rank16.safetensors",
+                              "seed 2\n1: edit.safetensors", "seed 2\n2: rank16.safetensors"]
+    assert layout["images"][0][0] == layout["images"][1][0] == str(kohya.out / "images" / "p00_seed1_strength+0.png")
+    assert layout["images"][1][1] == str(kohya.out / "images" / "p00_seed1_lora2_strength+1.png")
+    rows = json.loads((kohya.out / "scores.json").read_text(encoding="utf-8"))["cells"]
+    assert [(row["seed"], Path(row["lora"]).name, row["strength"]) for row in rows] == [
+        (s, name, m) for s in (1, 2) for name in ("edit.safetensors", "rank16.safetensors") for m in (0, 1)]
+    first, second = ([row for row in rows if row["strength"] == 1 and Path(row["lora"]).name == name]
+                     for name in ("edit.safetensors", "rank16.safetensors"))
+    # the stand-in's second network also shifts the picture: the numbers tell the two apart
+    assert all(a["structure_kept"] > b["structure_kept"] + 0.3 for a, b in zip(first, second))
+    assert "edit.safetensors strength 1: structure" in summary and "rank16.safetensors strength 1:" in summary
 
 
 def test_empty_prompt_is_written_as_an_empty_attention_group(kohya):
@@ -87,7 +169,8 @@ def test_prompts_file(kohya):
     prompts.write_text("# mine\n\na dog\n--n lowres\n", encoding="utf-8")
     assert preview.main(kohya.args("--prompts", str(prompts), "--seeds", "1", "--strengths", "1")) == 0
     cells = kohya.gen_runs()[0]["cells"]
-    assert [(c["prompt"], c["options"]) for c in cells] == [("a dog", ["am 1"]), ("()", ["n lowres", "am 1"])]
+    assert [(c["prompt"], c["options"]) for c in cells] == [("a dog", ["am 0"]), ("a dog", ["am 1"]),
+                                                            ("()", ["n lowres", "am 0"]), ("()", ["n lowres", "am 1"])]
     assert grid.read_layout(kohya.out / "grid.png")["rows"] == ["seed 1\na dog", "seed 1\n(empty prompt)"]
 
 
@@ -122,7 +205,7 @@ def test_failing_gen_img_is_our_exit_code(kohya, capfd, monkeypatch):
     monkeypatch.setenv("FAKE_GEN_EXIT", "3")
     assert preview.main(kohya.args()) == 3
     err = capfd.readouterr().err
-    assert "copylora.preview: error: kohya's gen_img.py exited with code 3" in err
+    assert "python -m copylora.preview: error: kohya's gen_img.py exited with code 3" in err
     assert not (kohya.out / "grid.png").exists()
 
 

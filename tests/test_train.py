@@ -131,7 +131,7 @@ def test_foreign_dataset_folder_is_not_touched(kohya, capsys):
 def test_unknown_key_is_refused_before_launch(kohya, capsys):
     assert train.main(kohya.args(kohya.image("a.png"), "--set", "learning_rat=1e-4")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("copylora.train: error: --set learning_rat: learning_rat is not an option")
+    assert err.startswith("python -m copylora.train: error: --set learning_rat: learning_rat is not an option")
     assert "did you mean learning_rate?" in err and len(err.strip().splitlines()) == 1
     assert kohya.runs() == []
 
@@ -156,7 +156,7 @@ def test_kohya_failure_propagates(kohya, capfd, monkeypatch):
     assert train.main(kohya.args(kohya.image("a.png"))) == 3
     err = capfd.readouterr().err
     assert "fake kohya: failing on purpose" in err  # kohya's own output streams through
-    assert "copylora.train: error: kohya's train_network.py exited with code 3" in err
+    assert "python -m copylora.train: error: kohya's train_network.py exited with code 3" in err
 
 
 @pytest.mark.parametrize("write, problem", [("nothing", "exited 0 but did not write"), ("not-a-lora", "not a LoRA")])

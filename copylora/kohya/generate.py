@@ -1,9 +1,12 @@
 """Pictures of a LoRA at several strengths, made by kohya's own generator (gen_img.py; sdxl_gen_img.py for SDXL).
 
 One gen_img run makes every cell: copylora writes a prompts file (`--from_file`) with one line per
-(prompt, seed, strength), using gen_img's per-line options `--am M` (network multiplier) and
-`--d SEED`, and asks for sequential file names, so the Nth image belongs to the Nth line. Each image's
-own "seed" PNG text is checked against its line before the images are renamed and kept.
+image (a "shot": prompt, seed and each LoRA's multiplier), using gen_img's per-line options
+`--am M1,M2,…` (one multiplier per network) and `--d SEED`, and asks for sequential file names, so
+the Nth image belongs to the Nth line. Each image's own "seed" PNG text is checked against its line
+before the images are renamed and kept. Several LoRAs (a sweep) are all loaded at once; each shot
+has at most one of them at a non-zero strength, so strength 0, the image every cell is measured
+against, is one shot per prompt and seed, shared by every LoRA's row.
 """
 
 from __future__ import annotations
@@ -47,22 +50,45 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class Cell:
-    row: int
-    column: int
+class Shot:
+    """One gen_img line and its image."""
+
+    prompt_index: int
     prompt: Prompt
     seed: int
-    strength: float
+    multipliers: tuple[float, ...]  # one per LoRA, in --network_weights order; at most one not 0
 
     @property
     def file_name(self) -> str:
-        return f"r{self.row:02d}_seed{self.seed}_strength{self.strength:+g}.png"
+        active = [(i, m) for i, m in enumerate(self.multipliers) if m != 0]
+        which = f"_lora{active[0][0] + 1}" if active and len(self.multipliers) > 1 else ""
+        strength = active[0][1] if active else 0.0
+        return f"p{self.prompt_index:02d}_seed{self.seed}{which}_strength{strength:+g}.png"
 
     @property
     def line(self) -> str:
         text = self.prompt.text or EMPTY_PROMPT
         extra = f" {self.prompt.options}" if self.prompt.options else ""
-        return f"{text}{extra} --am {self.strength:g} --d {self.seed}"
+        return f"{text}{extra} --am {','.join(f'{m:g}' for m in self.multipliers)} --d {self.seed}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A place in the grid: row (prompt, seed, LoRA), column (strength), and the shot shown there."""
+
+    row: int
+    column: int
+    lora: int  # index into PreviewJob.loras
+    strength: float
+    shot: Shot
+
+    @property
+    def prompt(self) -> Prompt:
+        return self.shot.prompt
+
+    @property
+    def seed(self) -> int:
+        return self.shot.seed
 
 
 def parse_prompt(line: str, origin: str) -> Prompt:
@@ -110,7 +136,7 @@ class PreviewJob:
     python: str
     sdxl: bool
     base: Path
-    lora: Path
+    loras: list[Path]
     out: Path
     cells: list[Cell]
     width: int
@@ -135,20 +161,31 @@ class PreviewJob:
         return self.out / ".gen_img"  # gen_img's own output, renamed into images/ once checked
 
     @property
+    def differences_dir(self) -> Path:
+        return self.out / "differences"  # the ΔE heatmaps (copylora preview's own)
+
+    @property
     def grid_path(self) -> Path:
         return self.out / "grid.png"
 
     @property
+    def shots(self) -> list[Shot]:
+        """Each image to make, once, in the grid's order."""
+        return list(dict.fromkeys(cell.shot for cell in self.cells))
+
+    @property
     def prompts_text(self) -> str:
         header = ["# written by copylora preview for kohya's " + self.script,
-                  f"# one line per cell: --am is the LoRA's strength, --d the seed; {EMPTY_PROMPT} is the empty prompt"]
-        return "\n".join(header + [cell.line for cell in self.cells]) + "\n"
+                  "# one line per image: --am is each LoRA's strength, --d the seed; "
+                  f"{EMPTY_PROMPT} is the empty prompt"]
+        return "\n".join(header + [shot.line for shot in self.shots]) + "\n"
 
     @property
     def command(self) -> list[str]:
+        count = len(self.loras)
         return [self.python, self.script, "--ckpt", str(self.base), "--outdir", str(self.gen_dir),
-                "--from_file", str(self.prompts_path), "--network_module", "networks.lora",
-                "--network_weights", str(self.lora), "--network_mul", "1", "--W", str(self.width),
+                "--from_file", str(self.prompts_path), "--network_module", *["networks.lora"] * count,
+                "--network_weights", *map(str, self.loras), "--network_mul", *["1"] * count, "--W", str(self.width),
                 "--H", str(self.height), "--steps", str(self.steps), "--sequential_file_name", *self.gen_img_args]
 
     def describe(self) -> str:
@@ -157,16 +194,20 @@ class PreviewJob:
 
 
 def plan(
-    sd_scripts: Path, python: str, sdxl: bool, base: Path, lora: Path, out: Path, prompts: list[Prompt],
+    sd_scripts: Path, python: str, sdxl: bool, base: Path, loras: list[Path], out: Path, prompts: list[Prompt],
     seeds: list[int], strengths: list[float], width: int, height: int, steps: int, gen_img_args: list[str],
 ) -> PreviewJob:
-    """Check everything; writes nothing."""
+    """Check everything; writes nothing. Strength 0 is always made (first column unless given): it is the
+    reference every other cell is measured against."""
     if not (sd_scripts / SCRIPTS[sdxl]).is_file():
         raise CopyloraError(f"{sd_scripts / SCRIPTS[sdxl]}: not in this checkout (too old an sd-scripts?)")
     if not base.exists():
         raise CopyloraError(f"{base}: no such base model (a .safetensors/.ckpt file or a diffusers folder)")
-    if not lora.is_file():
-        raise CopyloraError(f"{lora}: no such LoRA file")
+    for lora in loras:
+        if not lora.is_file():
+            raise CopyloraError(f"{lora}: no such LoRA file")
+    if len({lora.resolve() for lora in loras}) != len(loras):
+        raise CopyloraError(f"--loras {' '.join(map(str, loras))}: a file is given twice")
     for name, value in (("--width", width), ("--height", height)):
         if value < 8 or value % 8:
             raise CopyloraError(f"{name} {value}: a positive multiple of 8, please (the VAE works in 8-pixel blocks)")
@@ -177,11 +218,17 @@ def plan(
     if any(seed < 0 for seed in seeds):
         raise CopyloraError(f"--seeds {' '.join(map(str, seeds))}: seeds are whole numbers ≥ 0")
     check_passthrough(gen_img_args)
-    rows = [(prompt, seed) for prompt in prompts for seed in seeds]
-    cells = [Cell(r, c, prompt, seed, strength)
-             for r, (prompt, seed) in enumerate(rows) for c, strength in enumerate(strengths)]
-    return PreviewJob(sd_scripts, python, sdxl, base.resolve(), lora.resolve(), out.resolve(), cells, width, height,
-                      steps, list(gen_img_args))
+    if 0 not in strengths:
+        strengths = [0.0, *strengths]
+    rows = [(p, prompt, seed, lora) for p, prompt in enumerate(prompts) for seed in seeds for lora in range(len(loras))]
+
+    def shot(p: int, prompt: Prompt, seed: int, lora: int, strength: float) -> Shot:
+        return Shot(p, prompt, seed, tuple(strength if i == lora else 0.0 for i in range(len(loras))))
+
+    cells = [Cell(r, c, lora, strength, shot(p, prompt, seed, lora, strength))
+             for r, (p, prompt, seed, lora) in enumerate(rows) for c, strength in enumerate(strengths)]
+    return PreviewJob(sd_scripts, python, sdxl, base.resolve(), [lora.resolve() for lora in loras], out.resolve(),
+                      cells, width, height, steps, list(gen_img_args))
 
 
 def _check_ours(folder: Path) -> None:
@@ -199,29 +246,30 @@ def _refill(folder: Path) -> None:
 
 
 def generate(job: PreviewJob) -> tuple[list[Path], float]:
-    """Run gen_img once for every cell; the kept images in cell order, and the seconds gen_img took."""
+    """Run gen_img once for every shot; the kept images in cell order, and the seconds gen_img took."""
     from PIL import Image  # Pillow: only when pictures are made
 
-    for folder in (job.gen_dir, job.images_dir):
+    for folder in (job.gen_dir, job.images_dir, job.differences_dir):
         _check_ours(folder)
     job.out.mkdir(parents=True, exist_ok=True)
     _refill(job.gen_dir)
     job.prompts_path.write_text(job.prompts_text, encoding="utf-8")
     seconds = run_kohya(job.command, job.sd_scripts, job.script)
     made = sorted(job.gen_dir.glob("*.png"))
-    if len(made) != len(job.cells):
-        raise CopyloraError(f"{job.gen_dir}: kohya's {job.script} wrote {len(made)} image(s) for {len(job.cells)} "
+    shots = job.shots
+    if len(made) != len(shots):
+        raise CopyloraError(f"{job.gen_dir}: kohya's {job.script} wrote {len(made)} image(s) for {len(shots)} "
                             f"prompt lines of {job.prompts_path}")
-    for path, cell in zip(made, job.cells):
+    for path, shot in zip(made, shots):
         with Image.open(path) as image:
             seed = image.info.get("seed")
-        if seed != str(cell.seed):
-            raise CopyloraError(f"{path}: made with seed {seed}, but its line in {job.prompts_path} asks for {cell.seed}")
+        if seed != str(shot.seed):
+            raise CopyloraError(f"{path}: made with seed {seed}, but its line in {job.prompts_path} asks for {shot.seed}")
     _refill(job.images_dir)
-    kept = []
-    for path, cell in zip(made, job.cells):
-        target = job.images_dir / cell.file_name
-        path.replace(target)
-        kept.append(target)
+    _refill(job.differences_dir)
+    kept: dict[Shot, Path] = {}
+    for path, shot in zip(made, shots):
+        kept[shot] = job.images_dir / shot.file_name
+        path.replace(kept[shot])
     shutil.rmtree(job.gen_dir)
-    return kept, seconds
+    return [kept[cell.shot] for cell in job.cells], seconds

@@ -18,11 +18,13 @@ Nothing here imports torch or setuptools: the decisions are plain functions of t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import shlex
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from copylora.runtime import shell_words
 
 MODES = ("auto", "cpu", "cuda", "none")
 MODE_VARIABLE = "COPYLORA_BUILD_EXT"
@@ -116,17 +118,13 @@ class Installer:
 
     def command(self, kernels: str) -> str:
         """The command that reinstalls copylora with COPYLORA_BUILD_EXT=kernels."""
-        quote = _powershell_quote if self.windows else shlex.quote
+        quote = functools.partial(shell_words.quote, windows=self.windows)
         # pip builds from a temporary copy when installing from an archive or URL: then name the folder
         source = quote(self.source) if Path(self.source).is_dir() else "<copylora source folder>"
         pip = f"{quote(self.python)} -m pip install --no-build-isolation {'-e ' if self.editable else ''}{source}"
         if self.windows:
             return f'$env:{MODE_VARIABLE}="{kernels}"; & {pip}'
         return f"{MODE_VARIABLE}={kernels} {pip}"
-
-
-def _powershell_quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
