@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.errors import run_cli
+from copylora.errors import run_cli, shown
 from copylora.kohya import generate
 from copylora.kohya import job as kohya_job
 from copylora.kohya.checkout import find_checkout
@@ -33,7 +33,7 @@ PROG = "copylora.preview"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, usage="%(prog)s --sd-scripts DIR --base MODEL --lora FILE --out DIR [options] [-- GEN_IMG_ARGS ...]",
+        prog=shown(PROG), usage="%(prog)s --sd-scripts DIR --base MODEL --lora FILE --out DIR [options] [-- GEN_IMG_ARGS ...]",
         description="Pictures of a LoRA at several strengths with kohya's gen_img.py, and a labelled grid.",
         formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--sd-scripts", required=True, type=Path, metavar="DIR",
@@ -128,15 +128,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(job.describe(), end="")
         return 0
-    print(f"{PROG}: {len(job.shots)} images with kohya's {job.script} (prompts {job.prompts_path})", flush=True)
+    print(f"{shown(PROG)}: {len(job.shots)} images with kohya's {job.script} (prompts {job.prompts_path})", flush=True)
     try:
         path, seconds = render(job)
     except kohya_job.KohyaFailed as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{shown(PROG)}: error: {exc}", file=sys.stderr)
         return exc.code
-    print(f"{PROG}: done in {seconds:.0f} s; single images in {job.images_dir}")
+    print(f"{shown(PROG)}: done in {seconds:.0f} s; single images in {job.images_dir}")
     print(path)
-    print(f"{PROG}: {preview_scores.summary(preview_scores.read(job.out / 'scores.json'))}")
+    print(f"{shown(PROG)}: {preview_scores.summary(preview_scores.read(job.out / 'scores.json'))}")
     return 0
 
 

@@ -294,18 +294,6 @@ def test_random_bytes_as_a_checkpoint(run_merge, tmp_path, pair, seed):
     check_case(run_merge, tmp_path, [pair[0], bad], [], ["noise.ckpt", "not a readable torch checkpoint"])
 
 
-def test_a_checkpoint_zip_missing_its_pickle(run_merge, tmp_path, pair):
-    """A torch.save zip with data.pkl renamed: torch.load failed with KeyError."""
-    import zipfile
-
-    good, bad = tmp_path / "good.ckpt", tmp_path / "broken.ckpt"
-    torch.save({"m.lora_down.weight": torch.ones(2, 4)}, good)
-    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as target:
-        for info in source.infolist():
-            target.writestr(info.filename.replace("data.pkl", "data.pk_"), source.read(info))
-    check_case(run_merge, tmp_path, [pair[0], bad], [], ["broken.ckpt", "not a readable torch checkpoint"])
-
-
 def test_a_protocol_4_pickle_is_refused_in_one_line_with_the_reason(run_merge, tmp_path, pair):
     """torch printed two UserWarning lines first, and the refusal was cut before its point."""
     evil = tmp_path / "evil4.pt"

@@ -4,6 +4,8 @@ wherever it answers, and no answer (None: safetensors reads the file) where it c
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from copylora.errors import CopyloraError
 from copylora.formats.lora_file import read_lora
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
-from copylora.formats.safetensors_reader import read_safetensors
+from copylora.formats.safetensors_reader import MAX_HEADER_BYTES, read_safetensors
 from tests.conftest import REPO
 
 VENDORED = sorted((REPO / "tests" / "data").rglob("*.safetensors"))
@@ -106,13 +109,48 @@ def test_truncated_files_go_to_safetensors(tmp_path, content):
     assert read_safetensors(path) is None
 
 
-def test_a_file_system_without_mappings_goes_to_safetensors(tmp_path, monkeypatch):
-    path = tmp_path / "net.safetensors"
-    save_file({"m.lora_down.weight": torch.ones(2, 4), "m.lora_up.weight": torch.ones(4, 2)}, str(path))
-
-    def no_mapping(*args, **kwargs):
-        raise OSError(19, "No such device")
-
-    monkeypatch.setattr("copylora.formats.safetensors_reader.mmap.mmap", no_mapping)
+def test_a_header_over_safetensors_limit_is_left_to_safetensors_unread(tmp_path):
+    """Valid JSON padded past safetensors' 100 MB header limit used to be accepted here."""
+    path = tmp_path / "padded.safetensors"
+    text = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    text += b" " * (MAX_HEADER_BYTES + 8 - len(text))
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0" * 4)
     assert read_safetensors(path) is None
-    assert read_lora(path).modules["m"].rank == 2  # read by safetensors instead
+    with pytest.raises(CopyloraError, match="padded.safetensors: not a valid safetensors file .*header too large"):
+        read_lora(path)
+
+
+def test_a_2_gib_header_is_refused_without_reading_it(tmp_path, monkeypatch):
+    """A sparse file declaring a 2 GiB header of zeros: refused from its first 8 bytes (it was
+    read whole and parsed first, 10.9 s and 6.5 GB)."""
+    path = tmp_path / "zeros.safetensors"
+    with open(path, "wb") as f:
+        f.write((2**31).to_bytes(8, "little"))
+        f.truncate(8 + 2**31)
+
+    class NoParsing:
+        def loads(self, *args, **kwargs):
+            raise AssertionError("the header was read and parsed")
+
+    with monkeypatch.context() as m:
+        m.setattr("copylora.formats.safetensors_reader.json", NoParsing())
+        assert read_safetensors(path) is None
+    with pytest.raises(CopyloraError, match="zeros.safetensors: not a valid safetensors file .*header too large"):
+        read_lora(path)
+
+
+def test_a_file_truncated_after_reading_does_not_kill_the_reader(tmp_path):
+    """A trainer rewriting an input while the merge runs: the tensors were read, not mapped (a
+    mapping's pages past the new end raise SIGBUS). In a child process, so a crash is a failure."""
+    path = tmp_path / "rewritten.safetensors"
+    save_file({"m.lora_down.weight": torch.ones(64, 4096), "m.lora_up.weight": torch.ones(4096, 64)}, str(path))
+    code = (
+        "import os, sys\n"
+        "from copylora.formats.safetensors_reader import read_safetensors\n"
+        "contents = read_safetensors(sys.argv[1])\n"
+        "os.truncate(sys.argv[1], 64)\n"
+        "print(sum(float(t.sum()) for t in contents.tensors.values()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert float(proc.stdout) == 2 * 64 * 4096

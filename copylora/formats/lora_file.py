@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from copylora.errors import CopyloraError
+from copylora.formats.atomic_file import atomic_write  # also imported from here by other writers
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 from copylora.formats.safetensors_reader import read_safetensors
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+LORA_FILE_TYPES = ".safetensors, .ckpt, .pt or .pth"  # for messages and help: every suffix above
 
 ALPHA_SUFFIX = ".alpha"
 
@@ -138,22 +140,31 @@ def _load_tensors(path: Path) -> _Loaded:
             raise CopyloraError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from exc
     if suffix in PICKLE_SUFFIXES:
         try:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: the error says it all
+                warnings.simplefilter("ignore")
+                loaded = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CopyloraError(
-                f"{path}: refused to load: the pickle holds more than tensors ({_first_line(exc)})"
+                f"{path}: refused to load: torch.load(weights_only=True) found more than tensors in it "
+                f"({_weights_only_reason(exc)}); loading it fully could run arbitrary code, so copylora does not"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except Exception as exc:  # a corrupt zip or pickle fails anywhere in torch.load, as any error type
             raise CopyloraError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
         if not isinstance(loaded, Mapping):
             raise CopyloraError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
         return _Loaded({str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {})
-    raise CopyloraError(f"{path}: unsupported file type {path.suffix!r} (use .safetensors, .ckpt, .pt or .pth)")
+    raise CopyloraError(f"{path}: unsupported file type {path.suffix!r} (use {LORA_FILE_TYPES})")
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """What torch's long weights_only refusal names as the problem, e.g. `Unsupported global: ...`."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip()[:200] for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] = (KOHYA_KEYS,)) -> LoraFile:
@@ -252,6 +263,8 @@ def _validated_module(
         raise bad(f"lora_up must be 1x1, found kernel {tuple(up.shape[2:])}")
     if up.shape[1] != down.shape[0] or down.shape[0] == 0:
         raise bad(f"rank mismatch: lora_down {tuple(down.shape)} vs lora_up {tuple(up.shape)}")
+    if down.numel() == 0 or up.numel() == 0:  # kohya would divide alpha by a rank of nothing
+        raise bad(f"a factor has no values: lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}")
     alpha_value: float | None = None
     if alpha is not None:
         if alpha.numel() != 1:
@@ -328,31 +341,15 @@ class SerializedTensors:
         return len(text).to_bytes(8, "little") + text
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call write(temp_path) on a temp file beside `path`, then rename it into place.
-
-    Readers never see a half-written file, and a failure leaves any existing file untouched.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CopyloraError(f"{path}: folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_finite_output(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or Inf: values past the save dtype's range (alpha 3e38 as fp16, large
+    ratios) would otherwise be saved as Inf without a word."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not is_finite(tensor):
+            raise CopyloraError(
+                f"{path}: {key} would be saved as NaN or Inf in {str(tensor.dtype).removeprefix('torch.')} "
+                "(a value past its range); nothing was written (--save_precision float has the most range)"
+            )
 
 
 DataHashes = Callable[["SerializedTensors", Mapping[str, str]], Mapping[str, str]]
@@ -374,6 +371,7 @@ def write_lora(
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    check_finite_output(path, tensors)
     if suffix in SAFETENSORS_SUFFIXES:
         layout = serialized or SerializedTensors.of(tensors)
 
@@ -397,8 +395,9 @@ def write_lora(
     elif suffix in PICKLE_SUFFIXES:
 
         def write(tmp: str) -> None:
-            torch.save(dict(tensors), tmp)
+            with open(tmp, "wb") as handle:  # a file object: a failed write is the OSError itself
+                torch.save(dict(tensors), handle)
 
     else:
-        raise CopyloraError(f"{path}: unsupported output type {path.suffix!r} (use .safetensors, .ckpt or .pt)")
+        raise CopyloraError(f"{path}: unsupported output type {path.suffix!r} (use {LORA_FILE_TYPES})")
     atomic_write(path, write)

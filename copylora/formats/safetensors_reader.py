@@ -1,10 +1,11 @@
-"""Reading a .safetensors file as views of one memory mapping of it.
+"""Reading a .safetensors file as views of one in-memory copy of it.
 
 A LoRA file is thousands of small tensors. safetensors' `load_file` copies each one out
 (about 0.1 s for an SDXL LoRA's 3000), and checking each for NaN/Inf one call at a time costs
-almost as much again. Here each tensor is a view of one copy-on-write mapping of the file, and
-the NaN/Inf check runs once over each run of same-dtype tensors, which lie next to each other in
-the file: both files of an SDXL pair are read and checked in about half the time.
+almost as much again. Here the file is read in one call into one buffer, each tensor is a view of
+it, and the NaN/Inf check runs once over each run of same-dtype tensors, which lie next to each
+other in the file. The buffer is a copy, not a mapping of the file: a trainer rewriting the file
+while a merge runs would turn a mapping's pages into SIGBUS, which kills the process unannounced.
 
 This reader vouches only for files it fully understands: a header whose entries tile the data
 section exactly (what safetensors itself requires), dtypes in its table, offsets aligned to the
@@ -17,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 
 HEADER_LENGTH_BYTES = 8  # little-endian u64, then that many bytes of JSON header
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses longer headers ("header too large")
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
@@ -53,16 +54,14 @@ def read_safetensors(path: Path) -> SafetensorsContents | None:
     Raises OSError when the file cannot be read.
     """
     with open(path, "rb") as file:
-        if os.fstat(file.fileno()).st_size == 0:
-            return None  # nothing to map: safetensors says what is wrong
-        # A private copy-on-write mapping: pages are read when a tensor first touches them, and
-        # writing to a tensor never reaches the file (torch.frombuffer wants a writable buffer).
-        # Windows cannot replace a mapped file; copylora never writes a file it has read (the merge
-        # and the resize refuse --save_to equal to an input).
-        try:
-            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError):
-            return None  # a file system without mappings: safetensors reads it its own way
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(HEADER_LENGTH_BYTES)
+        if len(prefix) < HEADER_LENGTH_BYTES or int.from_bytes(prefix, "little") > min(MAX_HEADER_BYTES, size):
+            return None  # short, or a header safetensors refuses: it says what is wrong, before reading it
+        buffer = torch.empty(size, dtype=torch.uint8)  # uninitialised: readinto fills it
+        file.seek(0)
+        if file.readinto(memoryview(buffer.numpy())) != size or file.read(1):
+            return None  # the file changed size while being read: safetensors reads what is there now
     parsed = _parse_header(buffer)
     if parsed is None:
         return None
@@ -71,16 +70,15 @@ def read_safetensors(path: Path) -> SafetensorsContents | None:
     return SafetensorsContents(tensors, metadata, _float_runs(buffer, entries, data_start))
 
 
-def _parse_header(buffer: mmap.mmap) -> tuple[list[_Entry], dict[str, str], int] | None:
+def _parse_header(buffer: torch.Tensor) -> tuple[list[_Entry], dict[str, str], int] | None:
     """Entries in file order, metadata and where the data starts; None unless all is well formed."""
-    if len(buffer) < HEADER_LENGTH_BYTES:
-        return None
-    length = int.from_bytes(buffer[:HEADER_LENGTH_BYTES], "little")
+    raw = memoryview(buffer.numpy())
+    length = int.from_bytes(raw[:HEADER_LENGTH_BYTES], "little")
     data_start = HEADER_LENGTH_BYTES + length
-    if data_start > len(buffer):
+    if data_start > len(raw):
         return None
     try:
-        header = json.loads(bytes(buffer[HEADER_LENGTH_BYTES:data_start]).decode("utf-8"))
+        header = json.loads(bytes(raw[HEADER_LENGTH_BYTES:data_start]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(header, dict):
@@ -100,7 +98,7 @@ def _parse_header(buffer: mmap.mmap) -> tuple[list[_Entry], dict[str, str], int]
         if entry.begin != position:
             return None
         position = entry.end
-    if data_start + position != len(buffer):
+    if data_start + position != buffer.numel():
         return None
     return entries, metadata, data_start
 
@@ -120,18 +118,18 @@ def _entry(key: str, info: object, data_start: int) -> _Entry | None:
     return _Entry(key, dtype, tuple(shape), begin, end)
 
 
-def _flat(buffer: mmap.mmap, dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
-    """Bytes [start, end) of the mapping as a flat tensor of `dtype` that shares its memory."""
+def _flat(buffer: torch.Tensor, dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
+    """Bytes [start, end) of the buffer as a flat tensor of `dtype` that shares its memory."""
     if end == start:
-        return torch.empty(0, dtype=dtype)  # frombuffer refuses a count of 0
-    return torch.frombuffer(buffer, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
+        return torch.empty(0, dtype=dtype)
+    return buffer[start:end].view(dtype)
 
 
-def _view(buffer: mmap.mmap, entry: _Entry, data_start: int) -> torch.Tensor:
+def _view(buffer: torch.Tensor, entry: _Entry, data_start: int) -> torch.Tensor:
     return _flat(buffer, entry.dtype, data_start + entry.begin, data_start + entry.end).view(entry.shape)
 
 
-def _float_runs(buffer: mmap.mmap, entries: list[_Entry], data_start: int) -> list[torch.Tensor]:
+def _float_runs(buffer: torch.Tensor, entries: list[_Entry], data_start: int) -> list[torch.Tensor]:
     """Each run of adjacent same-dtype float entries (they tile the data section) as one flat tensor."""
     runs = []
     for dtype, group in itertools.groupby(entries, key=lambda entry: entry.dtype):

@@ -22,7 +22,9 @@ from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, m
 from copylora.engine.reference import stacked_factors
 from copylora.errors import CopyloraError
 from copylora.formats import kohya_metadata
+from copylora.formats.atomic_file import check_writable
 from copylora.formats.lora_file import (
+    LORA_FILE_TYPES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     LoraFile,
@@ -135,10 +137,10 @@ def validate_request(request: MergeRequest) -> None:
 def validate_output(save_to: Path | None, inputs: list[Path]) -> None:
     """--save_to: a LoRA file name in an existing folder that is none of the inputs."""
     if save_to is None:
-        raise CopyloraError("--save_to: give the output file (.safetensors, .ckpt or .pt)")
+        raise CopyloraError(f"--save_to: give the output file ({LORA_FILE_TYPES})")
     save_to = Path(save_to)
     if save_to.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-        raise CopyloraError(f"{save_to}: unsupported output type {save_to.suffix!r} (use .safetensors, .ckpt or .pt)")
+        raise CopyloraError(f"{save_to}: unsupported output type {save_to.suffix!r} (use {LORA_FILE_TYPES})")
     folder = save_to.parent
     if not folder.is_dir():
         raise CopyloraError(f"{save_to}: folder {folder} does not exist")
@@ -147,6 +149,7 @@ def validate_output(save_to: Path | None, inputs: list[Path]) -> None:
     for model in inputs:
         if Path(model).exists() and save_to.exists() and save_to.resolve() == Path(model).resolve():
             raise CopyloraError(f"{save_to}: --save_to is one of the input models; refusing to overwrite it")
+    check_writable(save_to)  # before the work, not after it: a read-only folder, a full quota, /proc
 
 
 def validate_device(device: str | None) -> None:
