@@ -28,6 +28,7 @@ from copylora import preview
 from copylora.errors import CopyloraError, run_cli, shown
 from copylora.kohya import bake as kohya_bake
 from copylora.kohya import job as kohya_job
+from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS, validate_dynamic
 from copylora.reports import copy_machine_report
 from copylora.runtime import command_process
 from copylora.runtime.cli_help import DefaultsHelpFormatter
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "the base with kohya's merge_lora.py, train B on it, write B")
     parser.add_argument("--new_rank", "--new-rank", type=int, default=16, dest="new_rank",
                         help="subtract: rank of the merged LoRA (default 16: B - A of two rank-8 LoRAs, exactly)")
+    parser.add_argument("--clamp_quantile", type=float, default=1.0,
+                        help="subtract: 1 (default) writes the exact B - A; 0.99 clamps up/down at that quantile as "
+                             "stock svd_merge_lora.py does (several %% of the difference lost)")
+    parser.add_argument("--dynamic_method", choices=list(DYNAMIC_METHODS), default=None,
+                        help="subtract: choose each module's rank from its singular values, as in `copylora merge`; "
+                             "--new_rank becomes the maximum")
+    parser.add_argument("--dynamic_param", type=float, default=None, help="subtract: the target of --dynamic_method")
     parser.add_argument("--device", default="cpu", help="subtract: device for the merge's SVD (default cpu)")
     parser.add_argument("--bake-precision", choices=list(kohya_bake.PRECISIONS), default="fp16",
                         help="merged-base: precision of the merged checkpoint (default fp16: half the disk of float)")
@@ -76,6 +84,16 @@ def merge(argv: list[str]):
     summary = merge_cli.merge(merge_cli.build_parser().parse_args(argv))
     print(summary.line(), flush=True)
     return summary
+
+
+def merge_kind(args: argparse.Namespace) -> str:
+    """The merge's settings as the report states them."""
+    rank = f"rank {args.new_rank}"
+    if args.dynamic_method:
+        rank = f"rank up to {args.new_rank} by {args.dynamic_method} {args.dynamic_param}"
+    if args.clamp_quantile == 1.0:
+        return f"{rank}, the exact difference (no clamp)"
+    return f"{rank}, clamped at the {args.clamp_quantile} quantile as stock svd_merge_lora.py"
 
 
 def copy_atomically(source: Path, target: Path) -> None:
@@ -115,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         raise CopyloraError(f"{output}: the output must be a .safetensors file")
     if args.new_rank < 1:
         raise CopyloraError(f"--new_rank {args.new_rank}: must be at least 1")
+    if not 0.0 < args.clamp_quantile <= 1.0:
+        raise CopyloraError(f"--clamp_quantile: must be in (0, 1], got {args.clamp_quantile}")
+    validate_dynamic(args.dynamic_method, args.dynamic_param)  # before any training, not at the merge
     sd_scripts, python, options, preset = setup(args)
     work_dir = (args.work_dir or output.parent / f"{output.stem}_work").resolve()
 
@@ -134,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     merge_argv = [
         "--models", str(jobs["B"].lora_path), str(jobs["A"].lora_path), "--ratios", "1", "-1",
         "--new_rank", str(args.new_rank), "--save_precision", "fp16", "--save_to", str(output), "--device", args.device,
-        "--report",
+        "--clamp_quantile", str(args.clamp_quantile), "--report",
+        *(["--dynamic_method", args.dynamic_method, "--dynamic_param", str(args.dynamic_param)] if args.dynamic_method else []),
     ]
     preview_out = output.parent / f"{output.stem}_preview"
     previewing = preview_argv(args, jobs["A"], output, preview_out) if args.preview else None
@@ -171,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{shown(PROG)}: merging B - A into {output}", flush=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         fidelity = merge(merge_argv).fidelity
-        steps["merge B - A"] = f"{time.monotonic() - started:.1f} s (copylora's merge, rank {args.new_rank})"
+        steps["merge B - A"] = f"{time.monotonic() - started:.1f} s (copylora's merge, {merge_kind(args)})"
     else:
         copy_atomically(jobs["B"].lora_path, output)
         fidelity = "none lost: the output is LoRA B as kohya trained it (no SVD merge, no rank cut)"

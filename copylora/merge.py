@@ -15,6 +15,7 @@ from typing import Sequence
 import copylora.runtime.openmp_wait  # noqa: F401  (before torch loads OpenMP)
 from copylora.engine import BACKEND_CHOICES
 from copylora.errors import run_cli, shown
+from copylora.formats.lora_file import LORA_FILE_TYPES
 from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS
 from copylora.pipelines.svd_merge import PRECISIONS, MergeRequest, MergeSummary, merge_files
 from copylora.runtime import command_process
@@ -34,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precisions = list(PRECISIONS)
     # kohya's flags, defaults and choices
-    parser.add_argument("--save_precision", type=str, default=None, choices=[None, *precisions],
+    parser.add_argument("--save_precision", type=str, default=None, choices=precisions,
                         help="precision of the saved file (default: same as --precision)")
     parser.add_argument("--precision", type=str, default="float", choices=precisions,
                         help="precision of the inputs during the merge (the SVD itself always runs in float32)")
-    parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt or .pt (required)")
-    parser.add_argument("--models", type=str, nargs="*", help="LoRA files to merge: .safetensors, .ckpt, .pt (required)")
+    parser.add_argument("--save_to", type=str, default=None, help=f"output file: {LORA_FILE_TYPES} (required)")
+    parser.add_argument("--models", type=str, nargs="*", help=f"LoRA files to merge: {LORA_FILE_TYPES} (required)")
     parser.add_argument("--ratios", type=finite_float, nargs="*", help="one ratio per model (B − A: --ratios 1 -1) (required)")
     parser.add_argument("--lbws", type=finite_lbw, nargs="*",
                         help="one block-weight JSON list per model, of length 12, 17, 20 or 26")

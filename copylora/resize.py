@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     # kohya's flags, defaults and choices
-    parser.add_argument("--save_precision", type=str, default=None, choices=[None, *PRECISIONS],
+    parser.add_argument("--save_precision", type=str, default=None, choices=list(PRECISIONS),
                         help="precision of the saved file (every tensor) (default: float)")
     parser.add_argument("--new_rank", type=int, default=4,
                         help="rank of the output LoRA; the maximum with --dynamic_method")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=str, default=None, help="where to compute: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--verbose", action="store_true",
                         help="print each module's retained sum and Frobenius norm of its singular values")
-    parser.add_argument("--dynamic_method", type=str, default=None, choices=[None, *DYNAMIC_METHODS],
+    parser.add_argument("--dynamic_method", type=str, default=None, choices=list(DYNAMIC_METHODS),
                         help="choose each module's rank from its singular values; --new_rank / --new_conv_rank "
                         "become the maximum")
     parser.add_argument("--dynamic_param", type=float, default=None,

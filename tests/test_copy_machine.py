@@ -6,6 +6,7 @@ COPYLORA_BASE_MODEL are set (recipe in tests/README.md).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from copylora.formats.lora_file import read_lora
 from copylora.kohya import bake
 from copylora.kohya.checkout import find_checkout
 from copylora.kohya.job import default_python
-from copylora.reports import grid
+from copylora.reports import grid, image_measures
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, dump_with_cuda, read_log
 
@@ -70,6 +71,11 @@ def dense_deltas(path: Path) -> dict[str, torch.Tensor]:
     return deltas
 
 
+# fp16 keeps 11 significant bits (unit roundoff 2^-11 ≈ 4.9e-4 per element); a product of two
+# rounded factors errs by up to about twice that in the Frobenius norm
+FP16_ROUNDING = 2 * 2.0**-11
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm())
 
@@ -83,9 +89,32 @@ def test_dry_run(setup, capsys):
     merge_line = out.strip().splitlines()[-1]
     assert merge_line == (
         f"python -m copylora.merge --models {setup.work / 'B.safetensors'} {setup.work / 'A.safetensors'} "
-        f"--ratios 1 -1 --new_rank 16 --save_precision fp16 --save_to {setup.output} --device cpu --report"
+        f"--ratios 1 -1 --new_rank 16 --save_precision fp16 --save_to {setup.output} --device cpu "
+        "--clamp_quantile 1.0 --report"
     )
     assert not setup.output.parent.exists() and setup.trained() == []
+
+
+def test_stock_clamp_and_dynamic_rank_pass_through(setup, capsys):
+    argv = setup.args("--clamp_quantile", "0.99", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9")
+    assert copy_machine.main([*argv, "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
+        "--clamp_quantile 0.99 --report --dynamic_method sv_fro --dynamic_param 0.9")
+    assert copy_machine.main(argv) == 0
+    a, b, merged = (dense_deltas(p) for p in (setup.work / "A.safetensors", setup.work / "B.safetensors", setup.output))
+    errors = [relative_error(merged[name], b[name] - a[name]) for name in merged]
+    assert max(errors) > 10 * FP16_ROUNDING  # the clamp (and the dynamic cut) lose more than the rounding
+    report = setup.output.with_suffix(".report.md").read_text()
+    assert "rank up to 16 by sv_fro 0.9, clamped at the 0.99 quantile as stock svd_merge_lora.py" in report
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--clamp_quantile", "0"], "--clamp_quantile: must be in (0, 1], got 0.0"),
+    (["--dynamic_param", "0.9"], "--dynamic_param: given without --dynamic_method"),
+])
+def test_bad_merge_options_stop_before_training(setup, capsys, bad, message):
+    assert copy_machine.main(setup.args(*bad)) == 2
+    assert message in capsys.readouterr().err and setup.trained() == []
 
 
 def test_trains_both_and_writes_b_minus_a(setup, capsys):
@@ -100,14 +129,14 @@ def test_trains_both_and_writes_b_minus_a(setup, capsys):
     a, b, merged = (dense_deltas(p) for p in (setup.work / "A.safetensors", setup.work / "B.safetensors", setup.output))
     assert set(merged) == set(a)
     assert {m.rank for m in read_lora(setup.output).modules.values()} == {16}
-    for name in merged:  # rank 16 holds B - A of two rank-8 LoRAs; kohya's 99% quantile clamp trims the tails
+    for name in merged:  # rank 16 holds B - A of two rank-8 LoRAs exactly: what is left is fp16's rounding
         expected = b[name] - a[name]
-        assert relative_error(merged[name], expected) < 0.3
-        assert relative_error(merged[name], -expected) > 1.5 and relative_error(merged[name], b[name]) > 0.5
+        assert relative_error(merged[name], expected) < FP16_ROUNDING
 
     report = setup.output.with_suffix(".report.md").read_text()
     for text in (str(setup.before), str(setup.after), str(setup.work / "A.toml"), "--ratios 1 -1", "trained in",
-                 "--set max_train_steps=2", "rank 16", "method: subtract", "| merge B - A |",
+                 "--set max_train_steps=2", "rank 16, the exact difference (no clamp)", "method: subtract",
+                 "| merge B - A |",
                  "fidelity: fidelity vs exact delta: retained", "![A before, B after](edit.training.png)"):
         assert text in report
     layout = grid.read_layout(setup.output.with_suffix(".training.png"))
@@ -292,9 +321,15 @@ def test_copy_machine_preview_puts_the_grid_in_the_report(setup):
     assert gen["argv"][gen["argv"].index("--network_weights") + 1] == str(setup.output)
     grid_path = setup.output.parent / "edit_preview" / "grid.png"
     layout = grid.read_layout(grid_path)
-    assert layout["rows"] == ["seed 7"] and len(layout["images"][0]) == 3
+    assert layout["rows"] == ["seed 7"] and len(layout["images"][0]) == 4  # 3 strengths and the difference column
     report = setup.output.with_suffix(".report.md").read_text()
     assert "![preview grid](edit_preview/grid.png)" in report and "| preview |" in report
+    scores = json.loads((grid_path.parent / "scores.json").read_text(encoding="utf-8"))["cells"]
+    assert [row["strength"] for row in scores] == [0, 0.5, 1]
+    assert "| prompt | seed | strength | structure kept | ΔE | ΔC* | changed |" in report
+    for row in scores[1:]:  # the measured cells, one table row each
+        assert (f"| (empty prompt) | 7 | {row['strength']:g} | {row['structure_kept']:.3f} | {row['delta_e']:.2f} | "
+                f"{row['delta_chroma']:+.2f} | {row['changed_share']:.0%} |") in report
 
 
 def test_bad_preview_args_stop_before_training(setup, capsys):
@@ -370,20 +405,32 @@ def test_real_kohya_merged_base_and_preview(tmp_path, capsys):
 
     layout = grid.read_layout(work / "edit_preview" / "grid.png")
     assert layout["rows"] == ["seed 1", "seed 2"]
-    assert layout["columns"] == ["strength 0", "strength 0.5", "strength 1"]
+    assert layout["columns"] == ["strength 0", "strength 0.5", "strength 1", "dE 1 vs 0"]
     sheet = Image.open(work / "edit_preview" / "grid.png").convert("RGB")
-    (x0, y0), (w, h), pad = layout["origin"], layout["cell"], layout["pad"]
-    assert (w, h) == (128, 128) and sheet.size == (x0 + 3 * (w + pad), y0 + 2 * (h + pad))
+    (x0, y0), (w, h), dx, dy = layout["origin"], layout["cell"], layout["column_step"], layout["row_step"]
+    assert (w, h) == (128, 128) and sheet.size == (x0 + 4 * dx, y0 + 2 * dy)
     for r, row in enumerate(layout["images"]):
         for c, path in enumerate(row):
             single = Image.open(path)
-            assert single.size == (64, 64) and single.info["seed"] == str(r + 1)
-            cell = sheet.crop((x0 + c * (w + pad), y0 + r * (h + pad), x0 + c * (w + pad) + w, y0 + r * (h + pad) + h))
+            assert single.size == (64, 64) and (c == 3 or single.info["seed"] == str(r + 1))
+            cell = sheet.crop((x0 + c * dx, y0 + r * dy, x0 + c * dx + w, y0 + r * dy + h))
             assert cell.tobytes() == single.convert("RGB").resize((w, h), Image.Resampling.NEAREST).tobytes()
-    for c in range(3):  # each column label is drawn
-        assert sheet.crop((x0 + c * (w + pad), 0, x0 + c * (w + pad) + w, y0)).convert("L").getextrema()[0] < 128
+    for c in range(4):  # each column label is drawn
+        assert sheet.crop((x0 + c * dx, 0, x0 + c * dx + w, y0)).convert("L").getextrema()[0] < 128
+    # every cell measured against strength 0 of its seed, the difference column the heatmap of strength 1
+    scores = json.loads((work / "edit_preview" / "scores.json").read_text(encoding="utf-8"))["cells"]
+    assert [(row["seed"], row["strength"]) for row in scores] == [(s, m) for s in (1, 2) for m in (0, 0.5, 1)]
+    for r, row in enumerate(layout["images"]):
+        reference = image_measures.read_rgb(Path(row[0]))
+        for c, path in enumerate(row[:3]):
+            measures, delta_e = image_measures.compare(reference, image_measures.read_rgb(Path(path)))
+            assert scores[3 * r + c]["image"] == path
+            assert {k: scores[3 * r + c][k] for k in measures.as_dict()} == measures.as_dict()
+        assert (image_measures.read_rgb(Path(row[3])) == image_measures.heatmap(delta_e)).all()
+    assert all(row["structure_kept"] == 1 and row["delta_e"] == 0 for row in scores if row["strength"] == 0)
     report = output.with_suffix(".report.md").read_text()
     assert "![preview grid](edit_preview/grid.png)" in report and "merged checkpoint (deleted)" in report
+    assert "| prompt | seed | strength | structure kept | ΔE | ΔC* | changed |" in report
     # the empty prompt is written "()": gen_img's own prompt parser makes the same (no) text of both
     check = "from gen_img import parse_prompt_attention as p; assert p('()') == p('') == [['', 1.0]], p('()')"
     done = subprocess.run([python or default_python(find_checkout(KOHYA)), "-c", check], cwd=find_checkout(KOHYA),
