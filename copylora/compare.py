@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.errors import CopyloraError, run_cli
+from copylora.errors import CopyloraError, run_cli, shown
 from copylora.reports import image_measures
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 
@@ -23,7 +23,7 @@ PROG = "copylora.compare"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=DefaultsHelpFormatter,
+        prog=shown(PROG), formatter_class=DefaultsHelpFormatter,
         description="Structure kept (SSIM of L*), colour change (CIEDE2000 ΔE, signed chroma ΔC*) and the share of "
                     f"visibly changed pixels (ΔE > {image_measures.CHANGED_DELTA_E:g}) of AFTER against BEFORE.")
     parser.add_argument("before", type=Path, metavar="BEFORE", help="the reference picture, e.g. LoRA strength 0")

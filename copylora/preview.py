@@ -33,8 +33,11 @@ PROG = "copylora.preview"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=shown(PROG), usage="%(prog)s --sd-scripts DIR --base MODEL --lora FILE --out DIR [options] [-- GEN_IMG_ARGS ...]",
-        description="Pictures of a LoRA at several strengths with kohya's gen_img.py, and a labelled grid.",
+        prog=shown(PROG),
+        usage="%(prog)s --sd-scripts DIR --base MODEL (--lora FILE | --loras FILE ...) --out DIR [options] "
+              "[-- GEN_IMG_ARGS ...]",
+        description="Pictures of a LoRA (or several) at several strengths with kohya's gen_img.py, each measured "
+                    "against strength 0 (structure kept, colour change), in a labelled grid with the differences.",
         formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--sd-scripts", required=True, type=Path, metavar="DIR",
                         help="kohya-ss/sd-scripts checkout (or a Kohya's GUI folder with sd-scripts/ in it)")

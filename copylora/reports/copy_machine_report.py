@@ -1,7 +1,7 @@
 """OUT.report.md: what `copylora copy-machine` did, for a person to open.
 
-The training images side by side (OUT.training.png), the preview grid when there is one, each
-step's time, the merge's fidelity line, and every file and command involved.
+The training images side by side (OUT.training.png), the preview grid and its scores table when
+there is one, each step's time, the merge's fidelity line, and every file and command involved.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from copylora.formats.lora_file import read_lora
 from copylora.kohya.bake import BakeJob
 from copylora.kohya.job import TrainJob
-from copylora.reports import grid
+from copylora.reports import grid, image_measures, preview_scores
 
 
 def _link(target: Path, report: Path) -> str:
@@ -59,6 +59,12 @@ def write(
         lines += ["## Preview (kohya's gen_img: base + this LoRA at each strength, same seed per row)", "",
                   f"![preview grid]({_link(preview_grid, report)})", "",
                   f"Single images: `{preview_grid.parent / 'images'}`", ""]
+        scores = preview_scores.read(preview_grid.parent / "scores.json")
+        lines += ["Each cell against strength 0 of its seed: structure kept (SSIM of L*, 1 = same composition), colour "
+                  "change (mean CIEDE2000 ΔE), chroma change (ΔC*, negative = less colourful), share of pixels "
+                  f"visibly changed (ΔE > {image_measures.CHANGED_DELTA_E:g}); the ΔE heatmaps are in the grid's "
+                  f"last column (`{preview_grid.parent / 'scores.csv'}`).", "", *preview_scores.markdown_table(scores), "",
+                  "Medians" + preview_scores.summary(scores).removeprefix("medians") + ".", ""]
     lines += ["## Steps", "", "| step | time |", "|---|---|"]
     lines += [f"| {step} | {what} |" for step, what in steps.items()]
     lines += [
