@@ -1,0 +1,189 @@
+"""`copylora gui` in a real browser: headless Chromium from the OS packages, driven by Selenium.
+
+The page is served by the real command (`python -m copylora.gui`) on a free port. Without Chromium,
+chromedriver, selenium or gradio these tests skip with the reason; COPYLORA_REQUIRE_BROWSER=1
+(.ci/run sets it) makes that a failure. COPYLORA_SCREENSHOTS=DIR saves each tab's picture there
+(the README's pictures in docs/ come from such a run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from copylora.merge import main as merge_main
+from tests.test_gui import free_port, lora_pair
+
+REQUIRE_BROWSER = "COPYLORA_REQUIRE_BROWSER"
+SCREENSHOTS = "COPYLORA_SCREENSHOTS"
+CHROMIUMS = ("chromium", "chromium-browser", "google-chrome")
+WAIT = 60  # seconds for anything the page does (2 shared CPU cores in CI)
+
+
+def missing(reason: str) -> None:
+    if os.environ.get(REQUIRE_BROWSER) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_BROWSER}=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+def chromium() -> tuple[str, str]:
+    """The system's Chromium and its chromedriver (Debian: apt-get install chromium chromium-driver)."""
+    browser = next((path for path in map(shutil.which, CHROMIUMS) if path), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        missing("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+    return browser, driver
+
+
+class Server:
+    """`python -m copylora.gui` on a free port, with its own settings folder and output folder."""
+
+    def __init__(self, root: Path, language: str, env: dict[str, str] | None = None):
+        self.root = root
+        self.output_dir = root / "out"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        environment = {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), **(env or {})}
+        self.log = open(root / "server.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "copylora.gui", "--port", str(self.port), "--lang", language,
+             "--output-dir", str(self.output_dir)],
+            env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + WAIT
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"copylora gui exited {self.process.returncode}: {self.output()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"copylora gui did not answer in {WAIT} s: {self.output()}") from None
+                time.sleep(0.3)
+
+    def output(self) -> str:
+        return (self.root / "server.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+class Browser:
+    """A headless Chromium page with the waits these tests need."""
+
+    def __init__(self, url: str):
+        pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+        try:
+            from selenium import webdriver
+            from selenium.webdriver.chrome.service import Service
+        except ImportError:
+            missing("needs selenium (pip install selenium)")
+        binary, driver = chromium()
+        options = webdriver.ChromeOptions()
+        options.binary_location = binary
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1200",
+                         "--lang=en-US"):
+            options.add_argument(argument)
+        self.driver = webdriver.Chrome(service=Service(driver), options=options)
+        self.driver.get(url)
+        self.wait_for(lambda: self.driver.find_elements("css selector", "button[role=tab]"))
+
+    def wait_for(self, condition, timeout: float = WAIT):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(lambda _: condition())
+
+    def css(self, selector: str):
+        return self.driver.find_element("css selector", selector)
+
+    def open_tab(self, label: str) -> None:
+        tab = next(b for b in self.driver.find_elements("css selector", "button[role=tab]") if b.text == label)
+        tab.click()
+        self.wait_for(lambda: tab.get_attribute("aria-selected") == "true")
+
+    def upload(self, elem_id: str, files: list[Path]) -> None:
+        self.css(f"#{elem_id} input[type=file]").send_keys("\n".join(str(f) for f in files))
+        self.wait_for(lambda: all(f.stem in self.css(f"#{elem_id}").text for f in files))  # the page splits off the suffix
+
+    def type_into(self, elem_id: str, text: str) -> None:
+        field = self.css(f"#{elem_id} textarea, #{elem_id} input")
+        field.clear()
+        field.send_keys(text)
+
+    def value(self, elem_id: str) -> str:
+        return self.css(f"#{elem_id} textarea, #{elem_id} input").get_attribute("value") or ""
+
+    def body_text(self) -> str:
+        return self.css("body").text
+
+    def screenshot(self, name: str) -> None:
+        folder = os.environ.get(SCREENSHOTS)
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.driver.save_screenshot(str(Path(folder) / name))
+
+    def quit(self) -> None:
+        self.driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+    chromium()
+    server = Server(tmp_path_factory.mktemp("gui_en"), "en")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def browser(server):
+    page = Browser(server.url)
+    yield page
+    page.quit()
+
+
+def test_merge_tab_writes_the_clis_file(server, browser, tmp_path):
+    b, a = lora_pair(tmp_path / "inputs")
+    browser.open_tab("Difference / merge")
+    browser.upload("merge-models", [b, a])
+    browser.type_into("merge-ratios", "1 -1")
+    browser.type_into("merge-save-to", "browser_diff.safetensors")
+    browser.css("#merge-run").click()
+    browser.wait_for(lambda: browser.value("merge-summary").startswith("merged "))
+    browser.wait_for(lambda: browser.css("#merge-spectrum img").is_displayed())
+    assert browser.value("merge-fidelity").startswith("fidelity vs exact delta: retained ")
+    browser.screenshot("gui_merge.png")
+
+    saved = server.output_dir / "browser_diff.safetensors"
+    cli_out = tmp_path / "cli_diff.safetensors"
+    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
+                       "fp16", "--clamp_quantile", "1", "--save_to", str(cli_out), "--quiet"]) == 0
+    ours, theirs = load_file(str(saved)), load_file(str(cli_out))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+def test_bad_input_shows_the_one_line_message(server, browser, tmp_path):
+    b, a = lora_pair(tmp_path / "inputs")
+    browser.open_tab("Difference / merge")
+    browser.upload("merge-models", [b, a])
+    browser.type_into("merge-ratios", "1")
+    browser.type_into("merge-save-to", "never.safetensors")
+    browser.css("#merge-run").click()
+    line = "copylora.merge: error: --ratios: 1 values for 2 models; give one ratio per model"
+    browser.wait_for(lambda: line in browser.body_text())
+    assert "Traceback" not in browser.body_text()
+    assert not (server.output_dir / "never.safetensors").exists()
