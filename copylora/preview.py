@@ -109,7 +109,7 @@ def render(job: generate.PreviewJob) -> tuple[Path, float]:
     for row in rows.values():
         first = row[0]
         labels.append(f"seed {first.seed}" + (f"\n{first.prompt.label[:24]}" if several_prompts else "")
-                      + (f"\n{first.lora + 1}: {job.loras[first.lora].name[:21]}" if len(job.loras) > 1 else ""))
+                      + (f"\n{first.lora + 1}: {job.loras[first.lora].stem[:21]}" if len(job.loras) > 1 else ""))
         reference = image_measures.read_rgb(next(image_of[cell] for cell in row if cell.strength == 0))
         measured = [(cell, *image_measures.compare(reference, image_measures.read_rgb(image_of[cell]))) for cell in row]
         scores += [preview_scores.Score(_prompt_text(cell.prompt), cell.seed, str(job.loras[cell.lora]), cell.strength,

@@ -5,10 +5,11 @@ argparse dump, so an option copylora emits that kohya lacks fails here too. The 
 writes a small "checkpoint" whose bytes depend on the base and the LoRA; the generator reads the
 prompts file the way gen_img.py does (blank and # lines skipped, `--d SEED`, `--am M1,M2,…`, the rest
 cut at " --") and writes one PNG per line, sequentially named, with gen_img's "seed" PNG text.
-Its picture has known answers for copylora's measures: 4 x 4-pixel blocks of colour drawn from the
-prompt and seed; network 1 at multiplier M moves each pixel M of the way to its grey (M = 1: its
-Rec. 601 greyscale, nearly the same structure; M < 0: more colourful), and network 2 does the same and also
-shifts the picture right by 4M pixels (a composition change). Every run is logged to $FAKE_KOHYA_LOG.
+Its picture has known answers for copylora's measures: 4 x 4-pixel blocks drawn from the prompt and
+seed, grey on the left half and coloured on the right; network 1 at multiplier M moves each pixel M
+of the way to its grey (M = 1: its Rec. 601 greyscale, nearly the same structure; M < 0: more
+colourful), and network 2 does the same and also shifts the picture right by 4M pixels (a
+composition change). Every run is logged to $FAKE_KOHYA_LOG.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ if __name__ == "__main__":
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(json.dumps(scene).encode()).digest()[:8], "big"))
         picture = rng.integers(0, 256, (-(-args.H // 4), -(-args.W // 4), 3)).astype(float)
         picture = picture.repeat(4, axis=0).repeat(4, axis=1)[: args.H, : args.W]
+        picture[:, : args.W // 2] = picture[:, : args.W // 2].mean(axis=-1, keepdims=True)
         muls = cell["am"] if isinstance(cell["am"], list) else [cell["am"]]
         for network, mul in enumerate(muls[:2]):
             grey = picture @ [0.299, 0.587, 0.114]
