@@ -6,10 +6,13 @@
 # kohya's script, which is kept unchanged beside it as NAME.copylora-original.py.
 #
 # If the Python running this file cannot import copylora, the kept original runs instead,
-# after a one-line warning. Set COPYLORA_USE_ORIGINAL=1 to run the original on purpose.
+# after a one-line warning. Set COPYLORA_USE_ORIGINAL=1 to run the original on purpose. An option
+# that copylora does not know but the original defines (a newer kohya flag) also runs the original,
+# after one line naming it.
 #
 # Undo (restores the originals byte for byte):
 #     python -m copylora.patch uninstall --sd-scripts <this sd-scripts folder>
+import ast
 import importlib
 import os
 import sys
@@ -66,6 +69,31 @@ def _import_command(command):
         raise
 
 
+def _option_only_the_original_knows(command, argv, original):
+    """The first option in argv that copylora's parser does not know but the kept original defines
+    (kohya added a flag after this copylora was made), or None: such a command line runs the original."""
+    build_parser = getattr(sys.modules.get(command), "build_parser", None)
+    if build_parser is None or not os.path.isfile(original) or "-h" in argv or "--help" in argv:
+        return None
+    parser = build_parser()
+    parser.exit_on_error = False
+    try:
+        _, rest = parser.parse_known_args(argv)
+        with open(original, "rb") as f:
+            tree = ast.parse(f.read())
+    except (Exception, SystemExit):  # a bad command line: copylora's own parse reports it
+        return None
+    known = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            known.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    for arg in rest:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name in known:
+            return name
+    return None
+
+
 def _run_original(path):
     """Run the kept original as if it were this networks/ script run as a script.
 
@@ -103,7 +131,12 @@ def main():
     except ImportError as exc:
         command_main, problem = None, exc
     if command_main is not None:
-        return command_main(sys.argv[1:])
+        unknown = _option_only_the_original_knows(command, sys.argv[1:], original)
+        if unknown is None:
+            return command_main(sys.argv[1:])
+        sys.stderr.write("copylora does not know %s; running the original script\n" % unknown)
+        sys.stderr.flush()
+        return _run_original(original)
     # outside the except block, so the original's own errors are not chained to the ImportError
     if not os.path.isfile(original):
         raise SystemExit(
