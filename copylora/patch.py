@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     root = sd_checkout.find_checkout(args.sd_scripts)
     if args.action == "status":
-        states = [sd_checkout.inspect(root, script) for script in sd_checkout.SCRIPTS]
+        states = sd_checkout.statuses(root)
         for state in states:
             print(state.describe())
         return sd_checkout.status_exit_code(states)

@@ -6,17 +6,26 @@ Layout inside the checkout's networks/ folder once installed, for each SCRIPT of
     SCRIPT.py                    copylora's shim (sd_scripts_patch/shim.py, verbatim; it reads
                                  which copylora command to run from its own file name)
     SCRIPT.copylora-original.py  the original, byte for byte, same mode bits
-    SCRIPT.copylora.json         sidecar: sha256 of the original and of the shim written
+    SCRIPT.copylora.json         sidecar: sha256 of the original and of the shim written, the mode
 
-Each script is patched on its own. State is decided by content: the shim's marker line and the two hashes in the sidecar, so
-"modified by someone else" is exact. Every write is a temp file in the same folder + os.replace.
-Install writes kept original, sidecar, shim (in that order); uninstall restores the original,
-then removes the kept copy and the sidecar; a crash between steps leaves the target either the
-original or the intact shim, and the next install/uninstall finishes the job.
+The original script is the user's, and no sequence of commands, edits of the shim or races may
+lose its bytes. That holds by construction, through the only two ways bytes can go away:
+
+- SCRIPT.py is overwritten only while it is a copylora shim (recognised by its content, edited or
+  not: see `is_shim`) or equal, byte for byte, to the kept original (`_replace_target`);
+- the kept original is removed only while SCRIPT.py holds the same bytes; otherwise it is renamed
+  to SCRIPT.copylora-original.<sha256 prefix>.py, never over another file (`_retire_kept`). It is
+  never overwritten.
+
+Every write is a temp file in the same folder + rename (formats.atomic_file), and one patch
+command at a time holds a lock on networks/ (`_checkout_lock`; POSIX flock, released if the
+process dies), so install and uninstall racing each other run one after the other. State is
+decided from file contents only: the shim's content and the two hashes in the sidecar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,10 +34,17 @@ import os
 import re
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 from copylora.errors import CopyloraError
+from copylora.formats.atomic_file import atomic_write as _atomic_write
+from copylora.formats.atomic_file import describe_os_error
+
+try:  # POSIX; on Windows patch commands are not serialised (the ordering above still holds)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +66,24 @@ class Script:
     def sidecar(self) -> str:
         return f"{self.stem}.copylora.json"
 
+    def archive(self, data: bytes) -> str:
+        """Where a kept original that cannot simply be dropped is moved: named by its content."""
+        return f"{self.stem}.copylora-original.{sha256(data)[:12]}.py"
+
+    @property
+    def archive_pattern(self) -> re.Pattern[str]:
+        return re.compile(re.escape(self.stem) + r"\.copylora-original\.[0-9a-f]{12}(-\d+)?\.py")
+
 
 MERGE_SCRIPT = Script("svd_merge_lora", "copylora.merge")
 RESIZE_SCRIPT = Script("resize_lora", "copylora.resize")
 SCRIPTS = (MERGE_SCRIPT, RESIZE_SCRIPT)  # the shim's COMMANDS must say the same (tested)
 SHIM_SOURCE = "shim.py"
 SHIM_MARKER = re.compile(rb"\A# copylora shim v(\d+)\s*$", re.MULTILINE)
+# a shim however edited: its marker on any line (after a BOM, a shebang, an encoding line...), or
+# the names only the shim uses; kohya's scripts contain none of them
+EDITED_SHIM_MARKER = re.compile(rb"^[ \t]*#[ \t]*copylora shim v\d+", re.MULTILINE)
+SHIM_WORDS = (b"COPYLORA_USE_ORIGINAL", b"copylora-original")
 SIDECAR_FORMAT = 1
 GUI_SUBDIR = "sd-scripts"
 
@@ -152,6 +180,16 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def is_shim(data: bytes | None, sidecar: dict | None = None) -> bool:
+    """Whether data is copylora's shim, as written or edited in any way that leaves a trace of it
+    (a BOM, a shebang or an encoding line added, the marker line deleted, other lines changed)."""
+    if data is None:
+        return False
+    if shim_version(data) is not None or (sidecar is not None and sha256(data) == sidecar["shim_sha256"]):
+        return True
+    return EDITED_SHIM_MARKER.search(data) is not None or all(word in data for word in SHIM_WORDS)
+
+
 @dataclasses.dataclass
 class State:
     root: Path
@@ -163,6 +201,7 @@ class State:
     kept: bytes | None
     sidecar: dict | None
     replaced: bool = False  # NOT_INSTALLED: the shim was replaced by a different script than the kept one
+    archives: list[Path] = dataclasses.field(default_factory=list)  # earlier originals moved aside
 
     @property
     def networks(self) -> Path:
@@ -171,7 +210,26 @@ class State:
     def rel(self, name: str) -> str:
         return f"networks/{name}"
 
+    @property
+    def original_mode(self) -> int | None:
+        """The original's mode bits as recorded at install, when the kept copy is the recorded one."""
+        if self.sidecar is None or self.kept is None or sha256(self.kept) != self.sidecar["original_sha256"]:
+            return None
+        try:
+            return stat.S_IMODE(int(str(self.sidecar.get("original_mode")), 8))
+        except ValueError:
+            return None
+
     def describe(self) -> str:
+        return self._describe() + self._archives_note()
+
+    def _archives_note(self) -> str:
+        if not self.archives:
+            return ""
+        names = ", ".join(self.rel(p.name) for p in self.archives)
+        return f" ({names}: an earlier original of this script, kept by copylora; delete it when you no longer need it)"
+
+    def _describe(self) -> str:
         where, command = self.networks / self.script.target, self.script.command
         if self.kind == ABSENT:
             return f"not in this checkout: there is no {where}"
@@ -183,11 +241,17 @@ class State:
             extra = ""
             if self.leftovers:
                 names = ", ".join(self.rel(p.name) for p in self.leftovers)
-                how = "was replaced (by an update or git checkout?)" if self.replaced else "is the original"
-                extra = (
-                    f"; it {how} and copylora's leftover {names} can go: `install` patches the script "
-                    "now there, `uninstall` removes them"
-                )
+                if self.replaced:
+                    extra = (
+                        f"; it was replaced (by an update or git checkout?) and copylora's leftover {names} can "
+                        "go: `install` patches the script now there, `uninstall` removes them; either way the "
+                        f"kept original is moved to {self.rel(self.script.archive(self.kept or b''))}, not deleted"
+                    )
+                else:
+                    extra = (
+                        f"; it is the original and copylora's leftover {names} can go: `install` patches "
+                        "it, `uninstall` removes them"
+                    )
             return f"not installed: {where} is not copylora's shim{extra}"
         return f"modified by someone else: {'; '.join(self.reasons)}"
 
@@ -207,12 +271,19 @@ def _load_sidecar(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
+def _archives(networks: Path, script: Script) -> list[Path]:
+    try:
+        return sorted(p for p in networks.iterdir() if script.archive_pattern.fullmatch(p.name))
+    except OSError:
+        return []
+
+
 def inspect(root: Path, script: Script = MERGE_SCRIPT) -> State:
     """Where one script of a checkout stands; decided from file contents only."""
     networks = root / "networks"
     target, kept = _read(networks / script.target), _read(networks / script.kept)
     sidecar, sidecar_problem = _load_sidecar(networks / script.sidecar)
-    state = State(root, script, NOT_INSTALLED, [], [], target, kept, sidecar)
+    state = State(root, script, NOT_INSTALLED, [], [], target, kept, sidecar, archives=_archives(networks, script))
     have_sidecar_file = (networks / script.sidecar).exists()
 
     if target is None and kept is None and not have_sidecar_file:
@@ -225,22 +296,17 @@ def inspect(root: Path, script: Script = MERGE_SCRIPT) -> State:
             state.reasons.append(f"and so is the kept original networks/{script.kept}")
         return state
 
-    if shim_version(target) is None:  # the target is some svd_merge_lora.py, not ours
+    if not is_shim(target, sidecar):  # the target is some svd_merge_lora.py, not ours
         if kept is None and not have_sidecar_file:
             return state
-        # the kept copy is ours as written when it matches the record, and harmless to drop when
-        # it equals the script in place (which also covers an install interrupted after it)
-        ours_intact = sidecar_problem is None and (
-            kept is None
-            or kept == target
-            or (sidecar is not None and sha256(kept) == sidecar["original_sha256"])
-        )
-        if ours_intact:
-            # copylora's own files beside a real script: an interrupted install/uninstall, or the
-            # shim was replaced (git checkout, an sd-scripts/GUI update). Nothing of anyone else's
-            # would be lost by `install` (which keeps the current script) or `uninstall`.
+        # copylora's files beside a real script: an interrupted install/uninstall, or the shim was
+        # replaced (git checkout, an sd-scripts/GUI update). Neither install nor uninstall loses
+        # anything there: a kept original that differs from the script is moved aside, not dropped.
+        if sidecar_problem is None and (
+            kept is None or kept == target or (sidecar is not None and sha256(kept) == sidecar["original_sha256"])
+        ):
             state.leftovers = [p for p in (networks / script.kept, networks / script.sidecar) if p.exists()]
-            state.replaced = sidecar is not None and sha256(target) != sidecar["original_sha256"]
+            state.replaced = kept is not None and kept != target
             return state
         state.kind = MODIFIED
         if sidecar_problem:
@@ -252,7 +318,7 @@ def inspect(root: Path, script: Script = MERGE_SCRIPT) -> State:
             )
         return state
 
-    # the target is a shim
+    # the target is a shim, perhaps edited
     if kept is None:
         state.reasons.append(f"the kept original networks/{script.kept} is missing")
     if sidecar_problem:
@@ -273,25 +339,7 @@ def inspect(root: Path, script: Script = MERGE_SCRIPT) -> State:
     return state
 
 
-# ---------------------------------------------------------------- atomic file operations
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write data to path via a temp file in the same folder and os.replace; mode bits as given."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(mode))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+# ---------------------------------------------------------------- the only ways bytes go away
 
 
 def _mode(path: Path, default: int = 0o644) -> int:
@@ -306,6 +354,69 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write data to path via a temp file in the same folder and a rename; mode bits as given."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write, stat.S_IMODE(mode))
+
+
+def _replace_target(networks: Path, script: Script, data: bytes, mode: int) -> None:
+    """Put data at SCRIPT.py, only while what is there is a shim or a copy of the kept original."""
+    current = _read(networks / script.target)
+    if current is not None and not is_shim(current) and current != _read(networks / script.kept):
+        raise CopyloraError(
+            f"{networks / script.target}: changed while copylora was patching it (not copylora's shim and not "
+            f"the kept original); left as it is"
+        )
+    atomic_write(networks / script.target, data, mode)
+
+
+def _keep_original(networks: Path, script: Script, data: bytes, mode: int) -> Path | None:
+    """Make SCRIPT.copylora-original.py hold data; a different kept original is moved aside first
+    (where to is returned)."""
+    kept = networks / script.kept
+    current, archive = _read(kept), None
+    if current is not None and current != data:
+        archive = _retire_kept(networks, script)
+        current = None
+    if current is None:
+        atomic_write(kept, data, mode)
+    elif _mode(kept) != mode:
+        os.chmod(kept, mode)
+    return archive
+
+
+def _retire_kept(networks: Path, script: Script) -> Path | None:
+    """Take SCRIPT.copylora-original.py away: dropped when SCRIPT.py holds the same bytes, else
+    renamed to SCRIPT.copylora-original.<sha>.py (returned), never over an existing file."""
+    kept = networks / script.kept
+    data = _read(kept)
+    if data is None:
+        return None
+    if _read(networks / script.target) == data:
+        kept.unlink()
+        return None
+    name = script.archive(data)
+    for attempt in range(1, 100):
+        archive = networks / (name if attempt == 1 else name.replace(".py", f"-{attempt}.py"))
+        if _read(archive) == data:  # the same bytes are there already
+            kept.unlink()
+            return archive
+        try:
+            os.link(kept, archive)  # fails if the name is taken: never over another file
+        except FileExistsError:
+            continue
+        kept.unlink()
+        return archive
+    raise CopyloraError(f"{kept}: cannot move it aside (too many {name} variants); left as it is")
 
 
 def _write_sidecar(networks: Path, script: Script, original: bytes, shim: bytes, mode: int) -> None:
@@ -335,41 +446,34 @@ def install(root: Path, script: Script = MERGE_SCRIPT, force: bool = False) -> s
     """Put the shim in place and keep the original; returns what was done, one line."""
     state = inspect(root, script)
     networks = state.networks
-    shim = shim_bytes()
     if state.kind == ABSENT:
         return f"skipped: {state.describe()}"
     if state.kind == INSTALLED:
         return f"already installed: {networks / script.target} runs {script.command} (nothing to do)"
-    if state.kind == OUTDATED:
-        original = state.kept
-        assert original is not None
-        mode = _mode(networks / script.kept)
-        _write_sidecar(networks, script, original, shim, mode)
-        atomic_write(networks / script.target, shim, mode)
-        return f"updated the shim at {networks / script.target} (original kept as networks/{script.kept})"
-    if state.kind == MODIFIED:
-        if not force:
-            raise _refuse(state, "install")
-        if shim_version(state.target) is None and state.target is not None:
-            original, mode = state.target, _mode(networks / script.target)  # the current script is the original
-        elif state.kept is not None:
-            original, mode = state.kept, _mode(networks / script.kept)  # keep the kept one, as it now is
-        else:
-            raise CopyloraError(
-                f"{networks / script.target}: no original {script.target} to keep (the target is a shim and "
-                f"networks/{script.kept} is missing); restore the original first, e.g. "
-                f"`git -C {root} checkout -- networks/{script.target}`"
-            )
-    else:  # NOT_INSTALLED, perhaps with leftovers from an interrupted run
-        assert state.target is not None
+    if state.kind == MODIFIED and not force:
+        raise _refuse(state, "install")
+    shim = shim_bytes()
+    if state.target is not None and not is_shim(state.target, state.sidecar):
+        # a real script is in place (never installed, interrupted, or replaced by an update): it is the original
         original, mode = state.target, _mode(networks / script.target)
-    if state.kept != original or _mode(networks / script.kept, -1) != mode:
-        atomic_write(networks / script.kept, original, mode)
+    elif state.kept is not None:  # a shim is in place: the kept original stays, as it now is
+        original = state.kept
+        mode = state.original_mode if state.original_mode is not None else _mode(networks / script.kept)
+    else:
+        raise CopyloraError(
+            f"{networks / script.target}: no original {script.target} to keep (the target is a shim and "
+            f"networks/{script.kept} is missing); restore the original first, e.g. "
+            f"`git -C {root} checkout -- networks/{script.target}`"
+        )
+    archive = _keep_original(networks, script, original, mode)
     _write_sidecar(networks, script, original, shim, mode)
-    atomic_write(networks / script.target, shim, mode)
+    _replace_target(networks, script, shim, mode)
+    if state.kind == OUTDATED:
+        return f"updated the shim at {networks / script.target} (original kept as networks/{script.kept})"
+    moved = f"; the earlier kept original is now networks/{archive.name}" if archive else ""
     return (
         f"installed: {networks / script.target} runs {script.command} when copylora imports; "
-        f"original kept as networks/{script.kept}"
+        f"original kept as networks/{script.kept}{moved}"
     )
 
 
@@ -379,35 +483,67 @@ def uninstall(root: Path, script: Script = MERGE_SCRIPT, force: bool = False) ->
     networks = state.networks
     if state.kind == ABSENT:
         return f"skipped: {state.describe()}"
-    if state.kind == NOT_INSTALLED:
-        if not state.leftovers:
-            return f"not installed: {networks / script.target} is not copylora's shim (nothing to do)"
-        for path in state.leftovers:
-            _unlink(path)
-        return f"not installed; removed leftover {', '.join('networks/' + p.name for p in state.leftovers)}"
-    if state.kind == MODIFIED:
-        if not force:
-            raise _refuse(state, "uninstall")
-        if state.target is not None and shim_version(state.target) is None:
-            # the target is someone's script (e.g. an updated upstream one): leave it, drop ours
-            removed = [p for p in (networks / script.kept, networks / script.sidecar) if p.exists()]
-            for path in removed:
-                _unlink(path)
-            names = ", ".join("networks/" + p.name for p in removed)
-            return f"removed {names}; left {networks / script.target} as it is (it is not copylora's shim)"
-        if state.kept is None:
-            raise CopyloraError(
-                f"{networks / script.kept}: the kept original is missing, nothing to restore; get the "
-                f"original back with `git -C {root} checkout -- networks/{script.target}`"
-            )
-    assert state.kept is not None
-    atomic_write(networks / script.target, state.kept, _mode(networks / script.kept))
-    _unlink(networks / script.kept)
+    if state.kind == NOT_INSTALLED and not state.leftovers:
+        return f"not installed: {networks / script.target} is not copylora's shim (nothing to do)"
+    if state.kind == MODIFIED and not force:
+        raise _refuse(state, "uninstall")
+    if state.target is not None and not is_shim(state.target, state.sidecar):
+        # someone's script is in place (e.g. an updated upstream one): it stays, copylora's files go
+        removed = ", ".join(state.rel(p.name) for p in (networks / script.kept, networks / script.sidecar) if p.exists())
+        archive = _retire_kept(networks, script)
+        _unlink(networks / script.sidecar)
+        kept_note = f"; the original it replaced is kept as networks/{archive.name}" if archive else ""
+        return f"not installed; removed leftover {removed}{kept_note}"
+    if state.kept is None:
+        raise CopyloraError(
+            f"{networks / script.kept}: the kept original is missing, nothing to restore; get the "
+            f"original back with `git -C {root} checkout -- networks/{script.target}`"
+        )
+    mode = state.original_mode if state.original_mode is not None else _mode(networks / script.kept)
+    _replace_target(networks, script, state.kept, mode)
+    _retire_kept(networks, script)  # the target now holds its bytes: dropped, not moved
     _unlink(networks / script.sidecar)
     return f"uninstalled: restored the original {networks / script.target}"
 
 
 # ---------------------------------------------------------------- every script at once
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _checkout_lock(root: Path) -> Iterator[None]:
+    """One patch command at a time in a checkout: an exclusive flock on networks/ itself (no lock
+    file to leave behind; the kernel releases it when the process ends in any way)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(root / "networks", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _locked(root: Path, action: str, work: Callable[[], T]) -> T:
+    """work() under the checkout's lock; an OSError (read-only folder, an immutable file) becomes one
+    line. Nothing is lost on the way: every step leaves the original's bytes in networks/."""
+    try:
+        with _checkout_lock(root):
+            return work()
+    except OSError as exc:
+        where = exc.filename if exc.filename else root / "networks"
+        raise CopyloraError(
+            f"{where}: {describe_os_error(exc)}; {action} stopped there (the original script is in networks/ "
+            f"as before; `status` says where each script stands)"
+        ) from exc
+
+
+def statuses(root: Path) -> list[State]:
+    """inspect() for every script, under the lock so a running install/uninstall is not seen halfway."""
+    return _locked(root, "status", lambda: [inspect(root, script) for script in SCRIPTS])
 
 
 def status_exit_code(states: list[State]) -> int:
@@ -425,16 +561,24 @@ def _check_none_modified(root: Path, action: str) -> None:
 
 def install_all(root: Path, force: bool = False) -> list[str]:
     """install() for every script; nothing is written if one of them would be refused."""
-    if not force:
-        _check_none_modified(root, "install")
-    return [install(root, script, force) for script in SCRIPTS]
+
+    def work() -> list[str]:
+        if not force:
+            _check_none_modified(root, "install")
+        return [install(root, script, force) for script in SCRIPTS]
+
+    return _locked(root, "install", work)
 
 
 def uninstall_all(root: Path, force: bool = False) -> list[str]:
     """uninstall() for every script; nothing is written if one of them would be refused."""
-    if not force:
-        _check_none_modified(root, "uninstall")
-    return [uninstall(root, script, force) for script in SCRIPTS]
+
+    def work() -> list[str]:
+        if not force:
+            _check_none_modified(root, "uninstall")
+        return [uninstall(root, script, force) for script in SCRIPTS]
+
+    return _locked(root, "uninstall", work)
 
 
 # ---------------------------------------------------------------- can kohya's Python run copylora?
