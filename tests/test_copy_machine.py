@@ -298,6 +298,7 @@ def test_merged_base_refuses_when_the_disk_is_too_small(setup, capsys, monkeypat
 def test_merged_base_needs_a_checkpoint_file(setup, capsys):
     folder = setup.root / "diffusers-model"
     folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
     args = setup.args("--method", "merged-base")
     args[args.index("--base") + 1] = str(folder)
     assert copy_machine.main(args) == 2

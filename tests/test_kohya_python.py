@@ -10,7 +10,7 @@ from PIL import Image
 
 from copylora import train
 from copylora.kohya.job import default_python, kohya_python
-from tests.test_train_fakes import PYTHON, make_accelerate, make_sd_scripts, read_log
+from tests.test_train_fakes import PYTHON, make_accelerate, make_sd_scripts, read_log, write_base_checkpoint
 
 
 def touch(path: Path) -> Path:
@@ -50,7 +50,7 @@ def test_relative_python_and_japanese_paths_with_spaces_train(tmp_path, monkeypa
     monkeypatch.setenv("FAKE_KOHYA_LOG", str(tmp_path / "kohya.log"))
     for name in ("FAKE_KOHYA_EXIT", "FAKE_KOHYA_WRITE"):
         monkeypatch.delenv(name, raising=False)
-    base = touch(gui / "models" / "ベース モデル.safetensors")
+    base = write_base_checkpoint(touch(gui / "models" / "ベース モデル.safetensors"))
     caller = gui / "作業" / "今日 の 分"
     image = caller / "元 画像.png"
     image.parent.mkdir(parents=True)

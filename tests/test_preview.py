@@ -14,7 +14,7 @@ from PIL import Image
 from copylora import cli, preview
 from copylora.reports import grid, image_measures
 from tests.kohya_tool_fakes import add_tools
-from tests.test_train_fakes import PYTHON, FakeKohya, read_log
+from tests.test_train_fakes import PYTHON, FakeKohya, read_log, write_tiny_lora
 
 
 class Kohya(FakeKohya):
@@ -24,7 +24,7 @@ class Kohya(FakeKohya):
         for name in ("FAKE_GEN_EXIT", "FAKE_GEN_SKIP"):
             monkeypatch.delenv(name, raising=False)
         self.lora = tmp_path / "edit.safetensors"
-        self.lora.write_bytes(b"read by gen_img only")
+        write_tiny_lora(self.lora)
         self.out = tmp_path / "preview"
 
     def args(self, *extra: str) -> list[str]:
@@ -131,9 +131,15 @@ def test_strength_0_is_always_made(kohya):
     assert grid.read_layout(kohya.out / "grid.png")["columns"] == ["strength 0", "strength 1", "dE 1 vs 0"]
 
 
+def test_strength_0_alone_has_nothing_to_measure(kohya, capsys):
+    assert preview.main(kohya.args("--seeds", "4", "--strengths", "0")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(": only strength 0 was made: nothing measured against it")
+    assert grid.read_layout(kohya.out / "grid.png")["columns"] == ["strength 0"]  # no difference column
+
+
 def test_sweep_of_two_loras_in_one_run(kohya, capsys):
     other = kohya.root / "rank16.safetensors"
-    other.write_bytes(b"another LoRA")
+    write_tiny_lora(other)
     args = kohya.args("--seeds", "1", "2", "--strengths", "0", "1")
     args[args.index("--lora"):args.index("--lora") + 2] = ["--loras", str(kohya.lora), str(other)]
     assert preview.main(args) == 0

@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from tests.conftest import kohya_file
 
@@ -137,6 +139,19 @@ def read_log(path: Path) -> list[dict]:
 PYTHON = sys.executable
 
 
+def write_base_checkpoint(path: Path) -> Path:
+    """A tiny checkpoint as the base: the fakes never read it, copylora checks that it is one."""
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))
+    return path
+
+
+def write_tiny_lora(path: Path) -> Path:
+    """A one-module kohya LoRA: the stand-in gen_img never reads it, copylora checks that it is one."""
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 1),
+               "lora_unet_x.alpha": torch.tensor(1.0)}, str(path))
+    return path
+
+
 class FakeKohya:
     """A stand-in checkout, stand-in accelerate on PYTHONPATH, a run log and a base model, in tmp_path."""
 
@@ -149,4 +164,4 @@ class FakeKohya:
         for name in ("FAKE_KOHYA_EXIT", "FAKE_KOHYA_WRITE"):
             monkeypatch.delenv(name, raising=False)
         self.base = tmp_path / "base.safetensors"
-        self.base.write_bytes(b"not read by the fake")
+        write_base_checkpoint(self.base)

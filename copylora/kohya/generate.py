@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from copylora.errors import CopyloraError
+from copylora.formats.lora_file import read_lora
+from copylora.kohya.base_model import check_base_model
 from copylora.kohya.job import run_kohya
 
 SCRIPTS = {False: "gen_img.py", True: "sdxl_gen_img.py"}
@@ -201,11 +203,11 @@ def plan(
     reference every other cell is measured against."""
     if not (sd_scripts / SCRIPTS[sdxl]).is_file():
         raise CopyloraError(f"{sd_scripts / SCRIPTS[sdxl]}: not in this checkout (too old an sd-scripts?)")
-    if not base.exists():
-        raise CopyloraError(f"{base}: no such base model (a .safetensors/.ckpt file or a diffusers folder)")
+    check_base_model(base)
     for lora in loras:
         if not lora.is_file():
             raise CopyloraError(f"{lora}: no such LoRA file")
+        read_lora(lora)  # a LoRA's keys and shapes, checked now rather than inside gen_img after the model loads
     if len({lora.resolve() for lora in loras}) != len(loras):
         raise CopyloraError(f"--loras {' '.join(map(str, loras))}: a file is given twice")
     for name, value in (("--width", width), ("--height", height)):

@@ -22,6 +22,7 @@ from pathlib import Path
 from copylora.errors import CopyloraError
 from copylora.formats.lora_file import LoraFile, read_lora
 from copylora.kohya import dataset
+from copylora.kohya.base_model import check_base_model
 from copylora.kohya.options import FinalConfig, KohyaOptions, Preset, build_config, dumps_toml
 from copylora.runtime.openmp_wait import environment_for_kohya
 
@@ -167,8 +168,8 @@ def plan(
     base_to_come: bool = False,
 ) -> TrainJob:
     """Check everything and decide the config; writes nothing. base_to_come: an earlier step makes the base."""
-    if not base_to_come and not base.exists():
-        raise CopyloraError(f"{base}: no such base model (a .safetensors/.ckpt file or a diffusers folder)")
+    if not base_to_come:
+        check_base_model(base)
     if not name or Path(name).name != name:
         raise CopyloraError(f"--name {name!r}: a file name without folders, please")
     checked = dataset.check_images(dataset.find_images(images))
