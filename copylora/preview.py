@@ -94,33 +94,37 @@ def _prompt_text(prompt: generate.Prompt) -> str:
     return " ".join(part for part in (prompt.text, prompt.options) if part)
 
 
+def _row_label(job: generate.PreviewJob, cell: generate.Cell, several_prompts: bool) -> str:
+    return (f"seed {cell.seed}" + (f"\n{cell.prompt.label[:24]}" if several_prompts else "")
+            + (f"\n{cell.lora + 1}: {job.loras[cell.lora].stem[:21]}" if len(job.loras) > 1 else ""))
+
+
 def render(job: generate.PreviewJob) -> tuple[Path, float]:
-    """Run gen_img, measure every cell against strength 0 and lay it all out; the grid's path and gen_img's
-    seconds."""
+    """Run gen_img, measure every cell against strength 0 of its row and lay it all out, with the strongest
+    strength's ΔE heatmap after each row; the grid's path and gen_img's seconds."""
     images, seconds = generate.generate(job)
+    image_of = dict(zip(job.cells, images))
     strengths = [strength for _, strength in sorted({cell.column: cell.strength for cell in job.cells}.items())]
     strongest = max(strengths, key=lambda strength: (abs(strength), strength))
     several_prompts = len({cell.prompt for cell in job.cells}) > 1
     rows: dict[int, list[generate.Cell]] = {}
     for cell in job.cells:
         rows.setdefault(cell.row, []).append(cell)
-    image_of = dict(zip(job.cells, images))
     pictures, labels, captions, scores = [], [], [], []
     for row in rows.values():
-        first = row[0]
-        labels.append(f"seed {first.seed}" + (f"\n{first.prompt.label[:24]}" if several_prompts else "")
-                      + (f"\n{first.lora + 1}: {job.loras[first.lora].stem[:21]}" if len(job.loras) > 1 else ""))
+        labels.append(_row_label(job, row[0], several_prompts))
         reference = image_measures.read_rgb(next(image_of[cell] for cell in row if cell.strength == 0))
         measured = [(cell, *image_measures.compare(reference, image_measures.read_rgb(image_of[cell]))) for cell in row]
         scores += [preview_scores.Score(_prompt_text(cell.prompt), cell.seed, str(job.loras[cell.lora]), cell.strength,
                                         str(image_of[cell]), measures) for cell, measures, _ in measured]
-        strong_cell, strong_measures, delta_e = next(item for item in measured if item[0].strength == strongest)
-        heatmap = job.differences_dir / image_of[strong_cell].name
-        image_measures.write_png(image_measures.heatmap(delta_e), heatmap)
-        pictures.append([image_of[cell] for cell in row] + [heatmap])
-        captions.append(["reference" if cell.strength == 0 else measures.headline for cell, measures, _ in measured]
-                        + [f"changed {strong_measures.changed_share:.0%}"])
-    columns = [f"strength {strength:g}" for strength in strengths] + [f"dE {strongest:g} vs 0"]
+        pictures.append([image_of[cell] for cell in row])
+        captions.append(["reference" if cell.strength == 0 else measures.headline for cell, measures, _ in measured])
+        if strongest != 0:  # the difference column
+            cell, measures, delta_e = next(item for item in measured if item[0].strength == strongest)
+            pictures[-1].append(image_measures.write_png(image_measures.heatmap(delta_e),
+                                                         job.differences_dir / image_of[cell].name))
+            captions[-1].append(f"changed {measures.changed_share:.0%}")
+    columns = [f"strength {strength:g}" for strength in strengths] + ([f"dE {strongest:g} vs 0"] if strongest else [])
     grid.contact_sheet(pictures, labels, columns, job.grid_path, captions)
     preview_scores.write(scores, job.out)
     return job.grid_path, seconds

@@ -63,7 +63,8 @@ def write(
         lines += ["Each cell against strength 0 of its seed: structure kept (SSIM of L*, 1 = same composition), colour "
                   "change (mean CIEDE2000 ΔE), chroma change (ΔC*, negative = less colourful), share of pixels "
                   f"visibly changed (ΔE > {image_measures.CHANGED_DELTA_E:g}); the ΔE heatmaps are in the grid's "
-                  f"last column (`{preview_grid.parent / 'scores.csv'}`).", "", *preview_scores.markdown_table(scores), "",
+                  f"last column (`{preview_grid.parent / 'scores.csv'}`).", "",
+                  *preview_scores.markdown_table(scores), "",
                   "Medians" + preview_scores.summary(scores).removeprefix("medians") + ".", ""]
     lines += ["## Steps", "", "| step | time |", "|---|---|"]
     lines += [f"| {step} | {what} |" for step, what in steps.items()]

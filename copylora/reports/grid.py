@@ -70,7 +70,8 @@ def contact_sheet(cells: list[list[Path]], row_labels: list[str], column_labels:
         for c, image in enumerate(pictures[r]):
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.LANCZOS)
-            sheet.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x0 + c * column_step, y0 + r * row_step))
+            sheet.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST),
+                        (x0 + c * column_step, y0 + r * row_step))
             if captions:
                 w, _ = text_size(captions[r][c])
                 draw.text((x0 + c * column_step + (cell_w - w) // 2, y0 + r * row_step + cell_h + PAD // 2),

@@ -71,9 +71,11 @@ def summary(rows: list[dict]) -> str:
     parts = []
     for (lora, strength), group in groups.items():
         name = f"{Path(lora).name} " if len(loras) > 1 else ""
-        parts.append(f"{name}strength {strength:g}: structure {statistics.median(r['structure_kept'] for r in group):.2f}"
-                     f", ΔE {statistics.median(r['delta_e'] for r in group):.1f}"
-                     f", ΔC* {statistics.median(r['delta_chroma'] for r in group):+.1f}")
+        structure, delta_e, delta_chroma = (statistics.median(row[key] for row in group)
+                                            for key in ("structure_kept", "delta_e", "delta_chroma"))
+        parts.append(f"{name}strength {strength:g}: structure {structure:.2f}, ΔE {delta_e:.1f}, ΔC* {delta_chroma:+.1f}")
+    if not parts:
+        return "only strength 0 was made: nothing measured against it"
     count = len({(row["prompt"], row["seed"]) for row in rows})
     return f"medians over {count} image(s) per strength, against strength 0: " + "; ".join(parts)
 
@@ -86,7 +88,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group in _groups(rows).values():
         for row in group:
-            cells = [row["prompt"] or "(empty prompt)", str(row["seed"])] + ([Path(row["lora"]).name] if several else [])
+            cells = [row["prompt"] or "(empty prompt)", str(row["seed"]), *([Path(row["lora"]).name] if several else [])]
             cells += [f"{row['strength']:g}", f"{row['structure_kept']:.3f}", f"{row['delta_e']:.2f}",
                       f"{row['delta_chroma']:+.2f}", f"{row['changed_share']:.0%}"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
