@@ -58,6 +58,12 @@ def extension_lines(status: ops.ExtensionStatus, record: BuildRecord | None, els
         lines = [f"copylora._C: built, {' and '.join(kernels) or 'no'} kernels ({status.path})"]
         if record is not None and record.missing == "cuda" and not status.cuda:
             lines += [f"  no CUDA kernels: {record.why}", f"  to build them: {record.rebuild_line()}"]
+        if elsewhere is not None:
+            lines.append(
+                f"  imported from the source folder {ops.PACKAGE_FOLDER} (Python looks in the current folder "
+                f"first), not from this Python's installed copylora ({elsewhere}): that _C is the source folder's"
+                + _built_by(record)
+            )
         return lines
     if elsewhere is not None:
         return [
@@ -81,6 +87,15 @@ def extension_lines(status: ops.ExtensionStatus, record: BuildRecord | None, els
     return lines
 
 
+def _built_by(record: BuildRecord | None) -> str:
+    """Whose build an in-place _C is, when its record names another Python than this one."""
+    if record is None:
+        return ", with no build record beside it"
+    if Path(record.installer.python).resolve() != Path(sys.executable).resolve():
+        return f", built by {record.installer.python}, not this Python ({sys.executable})"
+    return ", built by this Python"
+
+
 def report() -> list[str]:
     status = ops.load_status()
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -89,7 +104,7 @@ def report() -> list[str]:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; {cuda_devices} CUDA device(s) visible)",
     ]
     record = BuildRecord.load(ops.PACKAGE_FOLDER)
-    lines += extension_lines(status, record, None if status.available else installed_elsewhere())
+    lines += extension_lines(status, record, installed_elsewhere())
     lines.append(f"--backend auto on cpu: {auto_choice(status, 'cpu')}")
     if cuda_devices:
         lines.append(f"--backend auto on cuda: {auto_choice(status, 'cuda')}")

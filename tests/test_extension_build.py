@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,16 @@ def test_auto_warns_once_per_process_when_the_extension_is_missing(monkeypatch, 
     assert [r.getMessage() for r in caplog.records] == [
         f"copylora._C extension unavailable (not built: {NO_COMPILER}); using the pure-torch backend"
     ]
+
+
+def test_doctor_names_an_in_place_extension_imported_instead_of_the_installed_one(installer, tmp_path):
+    """Run from a source folder where another venv built _C in place: doctor says whose copy loaded."""
+    record = summarize(CPU_TORCH, "cpu", {}, installer)
+    status = ops.ExtensionStatus(available=True, cpu=True, path=str(ops.PACKAGE_FOLDER / "_C.abi3.so"))
+    site = tmp_path / "site-packages" / "copylora"
+    lines = doctor.extension_lines(status, record, elsewhere=site)
+    assert lines[0] == f"copylora._C: built, CPU kernels ({ops.PACKAGE_FOLDER / '_C.abi3.so'})"
+    assert lines[1].startswith(f"  imported from the source folder {ops.PACKAGE_FOLDER} ")
+    assert f"not from this Python's installed copylora ({site})" in lines[1]
+    assert lines[1].endswith(f", built by {installer.python}, not this Python ({sys.executable})")
+    assert doctor.extension_lines(status, record, elsewhere=None) == lines[:1]
