@@ -157,12 +157,12 @@ def test_install_commands_per_platform(tmp_path):
     folder.mkdir()
     posix = Installer(python="/my venv/bin/python", source=str(folder), editable=True, windows=False)
     assert posix.command("cpu") == (
-        f"COPYLORA_BUILD_EXT=cpu '/my venv/bin/python' -m pip install --no-build-isolation -e '{folder}'"
+        f'COPYLORA_BUILD_EXT=cpu "/my venv/bin/python" -m pip install --no-build-isolation -e "{folder}"'
     )
     windows = Installer(python=r"C:\kohya_ss\venv\Scripts\python.exe", source=str(folder), editable=False, windows=True)
     assert windows.command("cuda") == (
         f"$env:COPYLORA_BUILD_EXT=\"cuda\"; & 'C:\\kohya_ss\\venv\\Scripts\\python.exe' -m pip install "
-        f"--no-build-isolation '{folder}'"
+        f'--no-build-isolation "{folder}"'
     )
     # pip's temporary copy of an archive is gone after the install
     gone = dataclasses.replace(posix, source=str(tmp_path / "gone"))
