@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise CopyloraError(f"{args.out}: the heatmap is written as PNG; name it .png")
+    if args.out is not None and args.out.resolve() in (args.before.resolve(), args.after.resolve()):
+        raise CopyloraError(f"{args.out}: that is one of the pictures compared; write the heatmap elsewhere")
     before, after = image_measures.read_rgb(args.before), image_measures.read_rgb(args.after)
     if before.shape != after.shape:
         raise CopyloraError(f"{args.after}: {after.shape[1]}x{after.shape[0]} pixels, but {args.before} is "

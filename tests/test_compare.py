@@ -63,14 +63,17 @@ def bad_inputs(pair: tuple[Path, Path], tmp_path: Path) -> dict[str, tuple[list[
                             "written as PNG"),
         "heatmap folder missing": ([str(before), str(after), "--out", str(tmp_path / "no" / "heat.png")],
                                    "does not exist"),
+        "heatmap over an input": ([str(before), str(after), "--out", str(after)], "one of the pictures compared"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not an image", "different sizes", "too small", "heatmap not png",
-                                  "heatmap folder missing"])
+                                  "heatmap folder missing", "heatmap over an input"])
 def test_bad_input_is_one_line_and_exit_2(pair, tmp_path, capsys, case):
     argv, message = bad_inputs(pair, tmp_path)[case]
+    pictures = {path: path.read_bytes() for path in pair}
     assert compare.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
     assert not list(tmp_path.glob("**/.heat*"))  # no half-written heatmap left
+    assert {path: path.read_bytes() for path in pair} == pictures

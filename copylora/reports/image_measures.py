@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from copylora.errors import CopyloraError
-from copylora.formats.lora_file import atomic_write
+from copylora.formats.atomic_file import atomic_write
 
 # ΔE00 of 1 is the just-noticeable difference for flat patches side by side; about 2 is the usual rule of thumb
 # for "visible at a glance", which is what a viewer of a picture grid notices.

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from copylora.formats.lora_file import atomic_write
+from copylora.formats.atomic_file import atomic_write
 from copylora.reports import image_measures
 from copylora.reports.image_measures import Measures
 
