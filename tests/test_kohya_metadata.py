@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -72,3 +73,18 @@ def test_modelspec_per_base_model(v2, base, arch, impl, reso, pred):
 def test_base_model_comes_from_first_input_that_says():
     info = BaseModelInfo.from_metadata([{}, {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0"}, {"ss_v2": "True"}])
     assert (info.v2, info.base_model_version, info.is_sdxl) == ("False", "sdxl_base_v1-0", True)
+
+
+def test_source_date_epoch_makes_the_same_inputs_give_the_same_bytes(tmp_path: Path, monkeypatch, capsys) -> None:
+    from copylora import demo
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    files = []
+    for name in ("first", "second"):
+        assert demo.main(["--out", str(tmp_path / name)]) == 0
+        files.append(tmp_path / name / "difference.safetensors")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    assert read_metadata(files[0])["modelspec.date"] == datetime.datetime.fromtimestamp(1767225600).isoformat()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "tomorrow")
+    assert demo.main(["--out", str(tmp_path / "third")]) == 2
+    assert "SOURCE_DATE_EPOCH='tomorrow': must be whole seconds since 1970" in capsys.readouterr().err

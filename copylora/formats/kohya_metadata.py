@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -17,6 +18,7 @@ from typing import Mapping
 import torch
 
 from copylora import __version__
+from copylora.errors import CopyloraError
 from copylora.formats.lora_file import SerializedTensors
 
 SS_V2 = "ss_v2"
@@ -64,6 +66,21 @@ def network_metadata(
     return metadata
 
 
+CONVERTED_FROM = "copylora_converted_from"  # LoHa/LoKr inputs: what the LoRA pairs were computed from
+
+
+def converted_from(inputs: list[tuple[str, set[str], Mapping[str, str]]]) -> dict[str, str]:
+    """{CONVERTED_FROM: "title: LoHa (networks.loha); ..."} when an input (title, its modules' kinds,
+    its metadata) has modules that were not kohya LoRA pairs; else nothing."""
+    notes = []
+    for title, kinds, metadata in inputs:
+        adapters = sorted(kinds - {"LoRA"})
+        if adapters:
+            module = metadata.get("ss_network_module")
+            notes.append(f"{title}: {', '.join(adapters)}" + (f" ({module})" if module else ""))
+    return {CONVERTED_FROM: "; ".join(notes)} if notes else {}
+
+
 # What build_metadata puts where the sshs_* hashes go: values of their final length, which
 # write_lora replaces with weight_hashes() of the data it writes (computed while writing it).
 HASH_PLACEHOLDERS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
@@ -90,6 +107,17 @@ def weight_hashes(
     return {"sshs_model_hash": model_hash.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
 
 
+def build_time() -> float:
+    """Now, or SOURCE_DATE_EPOCH when it is set: the reproducible-builds convention, so the same
+    inputs give the same file, date stamp included."""
+    stamp = os.environ.get("SOURCE_DATE_EPOCH")
+    if stamp is None:
+        return time.time()
+    if not stamp.isdigit():
+        raise CopyloraError(f"SOURCE_DATE_EPOCH={stamp!r}: must be whole seconds since 1970 (e.g. 1767225600)")
+    return float(stamp)
+
+
 def modelspec_metadata(
     base: BaseModelInfo, title: str, merged_from: list[str], timestamp: float | None = None
 ) -> dict[str, str]:
@@ -104,7 +132,7 @@ def modelspec_metadata(
         architecture, resolution = "stable-diffusion-v2-768-v", "768x768"
     else:
         architecture, resolution = "stable-diffusion-v1", "512x512"
-    when = int(time.time() if timestamp is None else timestamp)
+    when = int(build_time() if timestamp is None else timestamp)
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora",
