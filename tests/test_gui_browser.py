@@ -18,10 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from copylora.merge import main as merge_main
+from copylora.webui.settings import Settings, save
 from tests.test_gui import free_port, lora_pair
+from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
 REQUIRE_BROWSER = "COPYLORA_REQUIRE_BROWSER"
 SCREENSHOTS = "COPYLORA_SCREENSHOTS"
@@ -132,19 +135,64 @@ class Browser:
         folder = os.environ.get(SCREENSHOTS)
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            height = self.driver.execute_script("return document.documentElement.scrollHeight")
+            self.driver.set_window_size(1280, height)  # the whole page, not the first screenful
             self.driver.save_screenshot(str(Path(folder) / name))
+            self.driver.set_window_size(1280, 1200)
 
     def quit(self) -> None:
         self.driver.quit()
 
 
+# kohya's progress bar, from the stand-in training script: 30 steps, half a second each for LoRA B
+# while the flag file exists (so that Stop finds it running); its pid goes to FAKE_PID_DIR
+SLOW_TRAINING = """
+    import os as _os, sys as _sys, time as _time
+    open(_os.path.join(_os.environ["FAKE_PID_DIR"], str(_os.getpid())), "w").close()
+    _slow = _os.path.exists(_os.environ["FAKE_SLOW_FLAG"]) and any(a.endswith("B.toml") for a in _sys.argv)
+    for _step in range(1, 31):
+        _sys.stderr.write(f"\\rsteps: {_step * 10 // 3:3d}%|#| {_step}/30 [00:{_step:02d}<00:{30 - _step:02d}, 2.00it/s]")
+        _sys.stderr.flush()
+        _time.sleep(0.5 if _slow else 0)
+    _sys.stderr.write("\\n")
+"""
+
+
+class Kohya(FakeKohya):
+    """The stand-in checkout with a training script that shows kohya's step counter and can be slow."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
+        super().__init__(root, monkeypatch)
+        script = self.sd_scripts / "train_network.py"
+        main = 'if __name__ == "__main__":\n'
+        script.write_text(script.read_text().replace(main, main + SLOW_TRAINING.lstrip("\n"), 1))
+        self.pids = root / "pids"
+        self.pids.mkdir()
+        self.slow_flag = root / "slow"
+        monkeypatch.setenv("FAKE_PID_DIR", str(self.pids))
+        monkeypatch.setenv("FAKE_SLOW_FLAG", str(self.slow_flag))
+        self.before, self.after = root / "before.png", root / "after.png"
+        Image.new("RGB", (24, 36), (200, 30, 30)).save(self.before)
+        Image.new("RGB", (24, 36), (90, 90, 90)).save(self.after)
+
+    def trained(self) -> list[str]:
+        return [run["config"]["output_name"] for run in read_log(self.log)]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The English page, its settings pointing at a stand-in kohya checkout."""
     pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
     chromium()
-    server = Server(tmp_path_factory.mktemp("gui_en"), "en")
-    yield server
-    server.stop()
+    root = tmp_path_factory.mktemp("gui_en")
+    with pytest.MonkeyPatch.context() as patch:
+        kohya = Kohya(root, patch)
+        patch.setenv("XDG_CONFIG_HOME", str(root / "config"))
+        save(Settings(sd_scripts=str(kohya.sd_scripts), python=PYTHON))
+        server = Server(root, "en")
+        server.kohya = kohya
+        yield server
+        server.stop()
 
 
 @pytest.fixture
@@ -187,3 +235,49 @@ def test_bad_input_shows_the_one_line_message(server, browser, tmp_path):
     browser.wait_for(lambda: line in browser.body_text())
     assert "Traceback" not in browser.body_text()
     assert not (server.output_dir / "never.safetensors").exists()
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_copy_machine_progress_stop_and_resume(server, browser):
+    kohya = server.kohya
+    browser.open_tab("Copy machine")
+    browser.type_into("cm-base", str(kohya.base))
+    browser.upload("cm-before", [kohya.before])
+    browser.upload("cm-after", [kohya.after])
+    kohya.slow_flag.touch()
+    browser.css("#cm-run").click()
+
+    def counter() -> int:
+        text = browser.css("#cm-status").text
+        return int(text.split("kohya: ", 1)[1].split("/", 1)[0]) if "step: train B" in text and "kohya: " in text else 0
+
+    first = browser.wait_for(counter)
+    browser.wait_for(lambda: counter() > first)  # kohya's own counter advances in the page
+    assert "elapsed: " in browser.css("#cm-status").text and "/30 [" in browser.value("cm-log")
+    browser.screenshot("gui_copy_machine_progress.png")
+    pids = [int(p.name) for p in kohya.pids.iterdir()]
+    browser.css("#cm-stop").click()
+    browser.wait_for(lambda: "stopped: press Run to resume" in browser.css("#cm-status").text)
+    assert pids and not any(alive(pid) for pid in pids)  # kohya's whole process tree is gone
+    work = server.output_dir / "edit_work"
+    assert (work / "A.safetensors").is_file() and not (work / "B.safetensors").exists()
+
+    kohya.slow_flag.unlink()
+    browser.css("#cm-run").click()
+    browser.wait_for(lambda: "finished" in browser.css("#cm-status").text)
+    assert kohya.trained() == ["A", "B"]  # A once (reused on the second Run), B once (the first was stopped)
+    browser.wait_for(lambda: browser.css("#cm-picture img").is_displayed())
+    assert "fidelity vs exact delta: retained" in browser.css("#cm-fidelity").text
+    report = browser.css("#cm-report").text
+    assert "merge B - A" in report and "reused (trained " in report
+    assert "edit\n.safetensors" in browser.css("#cm-download").text  # the page splits off the suffix
+    assert (server.output_dir / "edit.safetensors").is_file()
+    browser.screenshot("gui_copy_machine.png")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from copylora.webui import inspect_tab, merge_tab, resize_tab
+from copylora.webui import copy_machine_tab, inspect_tab, merge_tab, resize_tab
 from copylora.webui.page import Page
 
 
@@ -12,6 +12,8 @@ def build_app(page: Page) -> gr.Blocks:
     t = page.texts
     with gr.Blocks(title=t("title"), analytics_enabled=False) as app:
         gr.Markdown(f"## {t('title')}\n{t('intro')}")
+        with gr.Tab(t("tab_copy_machine"), id="copy_machine"):
+            copy_machine_tab.build(page)
         with gr.Tab(t("tab_merge"), id="merge"):
             merge_tab.build(page)
         with gr.Tab(t("tab_resize"), id="resize"):

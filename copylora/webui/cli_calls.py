@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import shlex
 from pathlib import Path
 from typing import Callable, NoReturn, ParamSpec, TypeVar
@@ -31,13 +32,27 @@ def shows_errors(prog: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """A page action whose bad input shows the command's one line (`prog: error: …`) in the page,
     never a stack trace; gradio_client callers get the same line as the AppError's message."""
 
+    def shown(exc: Exception) -> gr.Error:
+        return gr.Error(f"{prog}: error: {exc}", duration=None, print_exception=False)
+
     def wrap(action: Callable[P, R]) -> Callable[P, R]:
+        if inspect.isgeneratorfunction(action):  # a streamed action fails while it is iterated
+
+            @functools.wraps(action)
+            def stream(*args: P.args, **kwargs: P.kwargs):  # type: ignore[no-untyped-def]
+                try:
+                    yield from action(*args, **kwargs)  # type: ignore[misc]
+                except (CopyloraError, KohyaFailed) as exc:
+                    raise shown(exc) from None
+
+            return stream  # type: ignore[return-value]
+
         @functools.wraps(action)  # keeps the signature: gradio names the API's parameters from it
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return action(*args, **kwargs)
             except (CopyloraError, KohyaFailed) as exc:
-                raise gr.Error(f"{prog}: error: {exc}", duration=None, print_exception=False) from None
+                raise shown(exc) from None
 
         return run
 
