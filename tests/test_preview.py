@@ -137,6 +137,13 @@ def test_strength_0_alone_has_nothing_to_measure(kohya, capsys):
     assert grid.read_layout(kohya.out / "grid.png")["columns"] == ["strength 0"]  # no difference column
 
 
+def test_a_lora_given_twice_is_refused(kohya, capsys):
+    args = kohya.args()
+    args[args.index("--lora"):args.index("--lora") + 2] = ["--loras", str(kohya.lora), str(kohya.lora)]
+    assert preview.main(args) == 2
+    assert "a file is given twice" in capsys.readouterr().err and kohya.gen_runs() == []
+
+
 def test_sweep_of_two_loras_in_one_run(kohya, capsys):
     other = kohya.root / "rank16.safetensors"
     write_tiny_lora(other)
