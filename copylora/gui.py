@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from copylora.errors import CopyloraError, run_cli
+from copylora.errors import CopyloraError, run_cli, shown
 from copylora.runtime.cli_help import DefaultsHelpFormatter
 
 PROG = "copylora.gui"
@@ -27,7 +27,7 @@ LOOPBACK_NAMES = ("localhost",)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="The copy-machine workflow in a local web page (Gradio).",
+        prog=shown(PROG), description="The copy-machine workflow in a local web page (Gradio).",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1",

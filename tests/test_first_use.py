@@ -113,3 +113,13 @@ def test_patch_undo_hint_is_quoted_for_pasting(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert f'(undo: python -m copylora.patch uninstall --sd-scripts "{root}")' in out
     assert patch.main(["uninstall", "--sd-scripts", str(root)]) == 0
+
+
+@pytest.mark.parametrize("module", sorted({module for module, _ in cli.COMMANDS.values()}))
+def test_every_public_module_runs_with_python_dash_m(module: str) -> None:
+    """The entry points kept through the regrouping: `python -m copylora.X --help` from any folder."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {module}") and result.stderr == ""
+    assert "{None," not in result.stdout  # only choices that are accepted
