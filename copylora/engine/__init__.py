@@ -8,6 +8,9 @@ Backends:
   Householder QR, is what it is tested against.
 "auto" picks "ext" when the extension loads (with CUDA kernels, for a CUDA device), else "torch"
 with a warning that says why. The CUDA kernel passed bench/gpu_check.py on an H200 (bench/README.md).
+
+Imports nothing of copylora's but copylora.errors and the build record (runtime.extension_build):
+it knows factors and ranks, not files or kohya.
 """
 
 from __future__ import annotations
