@@ -24,6 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from copylora.errors import CopyloraError
+from copylora.formats import naming
+from copylora.formats.adapters import AdapterProblem, FactorPair
+from copylora.formats.adapters.modules import adapter_modules, refused_kind
 from copylora.formats.atomic_file import atomic_write  # also imported from here by other writers
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 from copylora.formats.safetensors_reader import read_safetensors
@@ -33,13 +36,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 LORA_FILE_TYPES = ".safetensors, .ckpt, .pt or .pth"  # for messages and help: every suffix above
 
 ALPHA_SUFFIX = ".alpha"
-
-# Key fragments of network types that are not a plain LoRA; stock drops them silently.
-UNSUPPORTED_TYPES = {
-    "hada_": "LyCORIS LoHa",
-    "lokr_": "LyCORIS LoKr",
-    "dora_scale": "DoRA",
-}
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,7 @@ class LoraModule:
     alpha: float | None  # None: the file has no alpha, so alpha = rank
     key_format: KeyFormat = KOHYA_KEYS
     key_suffix: str = ".weight"  # what follows <down>/<up> in the key: ".weight" or ""
+    adapter: str = "LoRA"  # what the file stores: LoRA (a pair), or LoHa/LoKr turned into this pair
 
     @property
     def down_key(self) -> str:
@@ -183,12 +180,9 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
     loaded = _load_tensors(path)
     tensors, metadata = loaded.tensors, loaded.metadata
 
-    for fragment, kind in UNSUPPORTED_TYPES.items():
-        key = next((k for k in tensors if fragment in k), None)
-        if key is not None:
-            raise CopyloraError(
-                f"{path}: {kind} network ({key}); only kohya LoRA/LoCon (lora_down/lora_up) can be merged"
-            )
+    refused = refused_kind(list(tensors))
+    if refused is not None:
+        raise CopyloraError(f"{path}: {refused[1]} ({refused[0]}); copylora reads LoRA/LoCon, LoHa and LoKr")
 
     modules: dict[str, LoraModule] = {}
     used: set[str] = set()
@@ -206,6 +200,13 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
                                    check_finite=not loaded.all_floats_finite)
         modules[name] = dataclasses.replace(module, key_format=key_format, key_suffix=suffix)
         used.update((key, up_key, alpha_key))
+
+    adapters, adapter_keys = _adapter_lora_modules(path, tensors, metadata, not loaded.all_floats_finite)
+    for name, module in adapters.items():
+        if name in modules:
+            raise CopyloraError(f"{path}: module {name} has both lora_down/lora_up and {module.adapter} keys")
+        modules[name] = module
+    used.update(adapter_keys)
 
     if not modules:
         raise CopyloraError(
@@ -238,6 +239,48 @@ def _down_key_parts(key: str, key_formats: tuple[KeyFormat, ...]) -> tuple[str, 
 def _is_pair_key(key: str, word: str) -> bool:
     parts = key.split(".")
     return parts[-1] == word or (len(parts) >= 2 and parts[-2] == word)
+
+
+def _adapter_lora_modules(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], check_finite: bool
+) -> tuple[dict[str, LoraModule], set[str]]:
+    """The file's LoHa/LoKr modules, each as the exact lora_up/lora_down pair of its delta, and their keys."""
+
+    def alpha_of(name: str) -> float | None:
+        alpha = tensors.get(name + ALPHA_SUFFIX)
+        return None if alpha is None else _alpha_value(path, name, alpha)
+
+    try:
+        found, used = adapter_modules(tensors, alpha_of)
+    except AdapterProblem as problem:
+        raise CopyloraError(f"{path}: {problem}") from None
+    if check_finite:
+        bad = next((k for k in sorted(used) if tensors[k].is_floating_point() and not is_finite(tensors[k])), None)
+        if bad is not None:
+            raise CopyloraError(f"{path}: module {bad.rpartition('.')[0]}: {bad} contains NaN or Inf")
+    v2 = metadata.get("ss_v2") == "True"
+    return {name: _as_lora_module(name, kind, factors, v2) for name, (kind, factors) in found.items()}, used
+
+
+def _as_lora_module(name: str, kind: str, factors: FactorPair, v2: bool) -> LoraModule:
+    """kohya's layout for the pair: a conv's down (R, in, kh, kw) and up (out, R, 1, 1). Adapters
+    store 1×1 and flat convs 2-D, so their kernel comes from the module's name where the tensors
+    do not give it."""
+    up, down, rank = factors.up, factors.down, factors.up.shape[1]
+    kernel = factors.kernel or naming.conv_kernel(name, v2)
+    if kernel is not None and down.shape[1] % (kernel[0] * kernel[1]) == 0:
+        up, down = up.reshape(up.shape[0], rank, 1, 1), down.reshape(rank, -1, *kernel)
+    # alpha such that alpha / rank is the kind's own scale
+    return LoraModule(name=name, down=down, up=up, alpha=factors.scale * rank, adapter=kind)
+
+
+def _alpha_value(path: Path, name: str, alpha: torch.Tensor) -> float:
+    if alpha.numel() != 1:
+        raise CopyloraError(f"{path}: module {name}: alpha must be a scalar, found shape {tuple(alpha.shape)}")
+    value = float(alpha.reshape(()).item())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise CopyloraError(f"{path}: module {name}: alpha is NaN or Inf")
+    return value
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

@@ -78,6 +78,27 @@ def _compvis_block(name: str) -> int | None:
     return (1 + int(number)) if part == "input_blocks" else (OUT_OFFSET + int(number))
 
 
+# kohya's conv modules in SD U-Nets (tests check these against the vendored manifests): diffusers
+# names (SD1/SD2) and CompVis names (SDXL). Attention proj_in/proj_out are 1×1 convs in SD1 only.
+_CONV_3X3 = re.compile(
+    r"^lora_unet_.*(_resnets_\d+_conv[12]|_(down|up)samplers_0_conv|_in_layers_2|_out_layers_3|_0_op|"
+    r"output_blocks_\d+_\d+_conv)$"
+)
+_CONV_1X1 = re.compile(r"^lora_unet_.*(_conv_shortcut|_skip_connection)$")
+_SD1_PROJ = re.compile(r"^lora_unet_.*_attentions_\d+_proj_(in|out)$")
+
+
+def conv_kernel(module_name: str, v2: bool) -> tuple[int, int] | None:
+    """The kernel of the SD U-Net conv a module adapts, from its name; None for a linear module.
+
+    LoHa/LoKr files store 1×1 and non-Tucker 3×3 convs as 2-D factors, kohya's LoRA as 4-D ones."""
+    if _CONV_3X3.match(module_name):
+        return (3, 3)
+    if _CONV_1X1.match(module_name) or (not v2 and _SD1_PROJ.match(module_name)):
+        return (1, 1)
+    return None
+
+
 @dataclass(frozen=True)
 class BlockWeights:
     """One model's LBW vector expanded to all 26 blocks (1.0 where the preset says nothing)."""

@@ -287,6 +287,7 @@ def build_metadata(request: MergeRequest, files: list[LoraFile]) -> dict[str, st
         metadata = kohya_metadata.network_metadata(
             base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
         )
+    metadata.update(kohya_metadata.converted_from([(f.title, {m.adapter for m in f.modules.values()}, f.metadata) for f in files]))
     metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
     if not request.no_metadata:
         if base.is_v2:

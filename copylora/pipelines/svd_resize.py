@@ -210,6 +210,11 @@ def build_metadata(request: ResizeRequest, lora: LoraFile, written_alpha: float)
         metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {request.new_rank}{conv}; {comment}"
         metadata["ss_network_dim"] = str(request.new_rank)
         metadata["ss_network_alpha"] = str(written_alpha)
+    converted = kohya_metadata.converted_from([(lora.title, {m.adapter for m in lora.modules.values()}, lora.metadata)])
+    if converted:  # a LoHa/LoKr file comes out a plain LoRA: say so, and drop the adapter's network settings
+        metadata.update(converted, ss_network_module="networks.lora")
+        metadata.pop("ss_network_args", None)
+        metadata["ss_training_comment"] = f"converted to LoRA by copylora; {metadata['ss_training_comment']}"
     metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
     return metadata
 
