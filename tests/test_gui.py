@@ -17,6 +17,8 @@ from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
 from copylora.webui import settings as gui_settings
 from copylora.webui.i18n import LANGUAGES, TEXTS, Texts, system_language
+from tests.kohya_tool_fakes import add_tools
+from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
 LAYOUT = [
     ModuleShape("lora_unet_down_blocks_1_attentions_0_proj_in", 24, 24, (1, 1)),
@@ -106,14 +108,17 @@ def served(tmp_path_factory):
     from copylora.webui.page import Page
 
     root = tmp_path_factory.mktemp("gui")
-    settings = gui_settings.Settings(output_dir=str(root / "out"))
     with pytest.MonkeyPatch.context() as patch:
+        kohya = FakeKohya(root, patch)  # the Preview tab's kohya: stand-in gen_img.py
+        add_tools(kohya.sd_scripts)
+        settings = gui_settings.Settings(sd_scripts=str(kohya.sd_scripts), python=PYTHON, output_dir=str(root / "out"))
         patch.setenv("GRADIO_TEMP_DIR", str(settings.uploads_path))
+        patch.setenv("XDG_CONFIG_HOME", str(root / "config"))
         page = Page(Texts("en"), settings)
         app = build_app(page)
         url = serve(app, page, "127.0.0.1", free_port(), None, open_browser=False, block=False)
         try:
-            yield url, page.output_dir, root
+            yield url, page.output_dir, root, kohya
         finally:
             app.close()
 
@@ -121,7 +126,7 @@ def served(tmp_path_factory):
 def test_merge_through_the_api_equals_the_cli(served):
     from gradio_client import Client, handle_file
 
-    url, output_dir, root = served
+    url, output_dir, root, _ = served
     b, a = lora_pair(root / "inputs")
     client = Client(url, verbose=False)
     summary, totals, table, spectrum, download = client.predict(
@@ -146,10 +151,61 @@ def test_bad_input_through_the_api_is_the_cli_line_and_writes_nothing(served):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    url, output_dir, root = served
+    url, output_dir, root, _ = served
     b, _ = lora_pair(root / "inputs")
     with pytest.raises(AppError) as caught:
         Client(url, verbose=False).predict(models=[handle_file(str(b))], ratios="1 -1",
                                            save_to="never.safetensors", api_name="/merge")
     assert str(caught.value) == "copylora.merge: error: --ratios: 2 values for 1 models; give one ratio per model"
     assert not (output_dir / "never.safetensors").exists()
+
+
+def test_resize_and_inspect_through_the_api(served):
+    from gradio_client import Client, handle_file
+
+    url, output_dir, root, _ = served
+    b, _ = lora_pair(root / "inputs")
+    client = Client(url, verbose=False)
+    summary, retention, download = client.predict(
+        model=handle_file(str(b)), new_rank=4, save_precision="fp16", save_to="api_small.safetensors",
+        api_name="/resize",
+    )
+    small = output_dir / "api_small.safetensors"
+    assert str(small) in summary and retention.count(": rank 4, alpha") == len(LAYOUT)
+    assert Path(download).read_bytes() == small.read_bytes()
+
+    table, totals, spectrum = client.predict(lora=handle_file(str(small)), against=[handle_file(str(b))],
+                                             ratios="1", api_name="/inspect")
+    assert table.splitlines()[0].split()[:3] == ["block", "modules", "rank"] and "total" in table
+    assert totals.startswith("fidelity vs exact delta: retained ") and Path(spectrum).is_file()
+
+
+def test_preview_through_the_api_runs_kohyas_gen_img(served):
+    from gradio_client import Client, handle_file
+
+    url, output_dir, root, kohya = served
+    b, _ = lora_pair(root / "inputs")
+    grid, summary = Client(url, verbose=False).predict(
+        base=str(kohya.base), loras=[handle_file(str(b))], strengths="0 1", seeds="7", width=16, height=24,
+        api_name="/preview",
+    )
+    runs = [run for run in read_log(kohya.log) if run["script"] == "gen_img.py"]
+    assert [(cell["am"], cell["seed"]) for cell in runs[-1]["cells"]] == [(0.0, 7), (1.0, 7)]
+    assert Path(grid).is_file() and str(output_dir / "B_preview") in summary
+
+
+def test_settings_refuse_a_folder_that_is_no_checkout(served):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _, root, kohya = served
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError) as caught:
+        client.predict(sd_scripts=str(root / "nowhere"), python="", output_dir="", language="en", api_name="/settings")
+    assert str(caught.value) == (f"copylora.gui: error: {root / 'nowhere'}: no such folder (pass an sd-scripts "
+                                 "checkout or a Kohya's GUI folder)")
+    assert not gui_settings.settings_path().exists()
+    found, saved = client.predict(sd_scripts=str(kohya.sd_scripts), python=PYTHON, output_dir="", language="ja",
+                                  api_name="/settings")
+    assert found == f"sd-scripts: {kohya.sd_scripts}; kohya's Python: {PYTHON}"
+    assert gui_settings.load().language == "ja" and str(gui_settings.settings_path()) in saved

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from copylora.merge import main as merge_main
 from copylora.webui.settings import Settings, save
+from tests.kohya_tool_fakes import add_tools
 from tests.test_gui import free_port, lora_pair
 from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
@@ -86,7 +87,7 @@ class Server:
 class Browser:
     """A headless Chromium page with the waits these tests need."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, language: str = "en-US"):
         pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
         try:
             from selenium import webdriver
@@ -97,7 +98,7 @@ class Browser:
         options = webdriver.ChromeOptions()
         options.binary_location = binary
         for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1200",
-                         "--lang=en-US"):
+                         f"--lang={language}"):  # Gradio's own words (upload hints) follow the browser's language
             options.add_argument(argument)
         self.driver = webdriver.Chrome(service=Service(driver), options=options)
         self.driver.get(url)
@@ -163,6 +164,7 @@ class Kohya(FakeKohya):
 
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
         super().__init__(root, monkeypatch)
+        add_tools(self.sd_scripts)  # stand-in gen_img.py for the Preview tab
         script = self.sd_scripts / "train_network.py"
         main = 'if __name__ == "__main__":\n'
         script.write_text(script.read_text().replace(main, main + SLOW_TRAINING.lstrip("\n"), 1))
@@ -281,3 +283,51 @@ def test_copy_machine_progress_stop_and_resume(server, browser):
     assert "edit\n.safetensors" in browser.css("#cm-download").text  # the page splits off the suffix
     assert (server.output_dir / "edit.safetensors").is_file()
     browser.screenshot("gui_copy_machine.png")
+
+
+def test_resize_inspect_preview_and_settings_tabs(server, browser, tmp_path):
+    b, _ = lora_pair(tmp_path / "inputs")
+    browser.open_tab("Resize")
+    browser.upload("resize-model", [b])
+    browser.css("#resize-run").click()
+    browser.wait_for(lambda: "resized.safetensors" in browser.value("resize-summary"))
+    browser.screenshot("gui_resize.png")
+
+    browser.open_tab("Inspect")
+    browser.upload("inspect-lora", [server.output_dir / "resized.safetensors"])
+    browser.upload("inspect-against", [b])
+    browser.type_into("inspect-ratios", "1")
+    browser.css("#inspect-run").click()
+    browser.wait_for(lambda: browser.value("inspect-totals").startswith("fidelity vs exact delta: retained "))
+    browser.wait_for(lambda: browser.css("#inspect-spectrum img").is_displayed())
+    browser.screenshot("gui_inspect.png")
+
+    browser.open_tab("Preview")
+    browser.type_into("preview-base", str(server.kohya.base))
+    browser.upload("preview-loras", [b])
+    browser.css("#preview-run").click()
+    browser.wait_for(lambda: browser.css("#preview-grid img").is_displayed())
+    assert str(server.output_dir / "B_preview") in browser.value("preview-summary")
+    browser.screenshot("gui_preview.png")
+
+    browser.open_tab("Settings")
+    assert f"sd-scripts: {server.kohya.sd_scripts}" in browser.value("settings-kohya")
+    assert "--backend auto on cpu:" in browser.css("#settings-doctor").text  # doctor's report
+    browser.screenshot("gui_settings.png")
+
+
+def test_the_japanese_page(tmp_path):
+    pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+    chromium()
+    server = Server(tmp_path, "ja")
+    try:
+        page = Browser(server.url, "ja")
+        try:
+            tabs = [b.text for b in page.driver.find_elements("css selector", "button[role=tab]")]
+            assert tabs[:3] == ["コピー機", "差分 / マージ", "リサイズ"]
+            assert "変更前の画像 (before)" in page.body_text() and "実行" in page.body_text()
+            page.screenshot("gui_ja.png")
+        finally:
+            page.quit()
+    finally:
+        server.stop()

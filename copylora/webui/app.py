@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from copylora.webui import copy_machine_tab, inspect_tab, merge_tab, resize_tab
+from copylora.webui import copy_machine_tab, inspect_tab, merge_tab, preview_tab, resize_tab, settings_tab
 from copylora.webui.page import Page
 
 
@@ -20,6 +20,10 @@ def build_app(page: Page) -> gr.Blocks:
             resize_tab.build(page)
         with gr.Tab(t("tab_inspect"), id="inspect"):
             inspect_tab.build(page)
+        with gr.Tab(t("tab_preview"), id="preview"):
+            preview_tab.build(page)
+        with gr.Tab(t("tab_settings"), id="settings"):
+            settings_tab.build(page)
     return app
 
 
