@@ -67,6 +67,24 @@ def credentials(host: str, auth: str | None) -> tuple[str, str] | None:
     return None
 
 
+def launcher_options(args: argparse.Namespace) -> list[str]:
+    """The options given with --write-launcher that the launcher passes on (never --auth: a password
+    does not belong in a file)."""
+    if args.auth is not None:
+        raise CopyloraError("--auth with --write-launcher: a password does not belong in a launcher file; "
+                            "give --auth when you start the GUI")
+    options = []
+    if args.host != "127.0.0.1":
+        options += ["--host", args.host]
+    if args.port != DEFAULT_PORT:
+        options += ["--port", str(args.port)]
+    if args.lang is not None:
+        options += ["--lang", args.lang]
+    if args.output_dir is not None:
+        options += ["--output-dir", str(args.output_dir.expanduser().resolve())]
+    return options
+
+
 def require_gradio() -> None:
     try:
         import gradio  # noqa: F401
@@ -78,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write_launcher is not None:
         from copylora.webui.launcher import write_launcher
 
-        print(write_launcher(args.write_launcher))
+        print(write_launcher(args.write_launcher, launcher_options(args)))
         return 0
     auth = credentials(args.host, args.auth)
     require_gradio()

@@ -3,7 +3,9 @@ API driven by gradio_client (the merge through /merge equals the CLI's, tensor f
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
 from copylora.webui import settings as gui_settings
 from copylora.webui.i18n import LANGUAGES, TEXTS, Texts, system_language
+from copylora.webui.launcher import write_launcher
 from tests.kohya_tool_fakes import add_tools
 from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
@@ -209,3 +212,35 @@ def test_settings_refuse_a_folder_that_is_no_checkout(served):
                                   api_name="/settings")
     assert found == f"sd-scripts: {kohya.sd_scripts}; kohya's Python: {PYTHON}"
     assert gui_settings.load().language == "ja" and str(gui_settings.settings_path()) in saved
+
+
+# ---------------------------------------------------------------- the double-click launcher
+
+
+def test_write_launcher_sh_starts_this_python_and_passes_options(tmp_path, capsys):
+    assert gui.main(["--write-launcher", str(tmp_path / "here"), "--lang", "ja", "--port", "7999"]) == 0
+    path = tmp_path / "here" / "copylora-gui.sh"
+    assert capsys.readouterr().out.strip() == str(path)
+    assert path.read_text().splitlines()[-1] == (
+        f'exec {sys.executable} -m copylora.gui --inbrowser --port 7999 --lang ja "$@"')
+    assert os.access(path, os.X_OK)
+    # the launcher runs: --help through it shows copylora gui's usage
+    done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--write-launcher DIR" in done.stdout
+    assert gui.main(["--write-launcher", str(tmp_path / "here")]) == 2  # never replaced
+    assert f"{path}: already exists" in capsys.readouterr().err
+
+
+def test_write_launcher_bat_for_windows(tmp_path):
+    python = r"C:\Users\名前\kohya_ss\venv\Scripts\python.exe"
+    path = write_launcher(tmp_path, ["--lang", "ja"], windows=True, python=python)
+    assert path.name == "copylora-gui.bat"
+    lines = path.read_bytes().decode("utf-8").split("\r\n")
+    assert lines[:2] == ["@echo off", "chcp 65001 > nul"]
+    assert f"{python} -m copylora.gui --inbrowser --lang ja %*" in lines and "if errorlevel 1 pause" in lines
+
+
+def test_a_password_is_never_written_into_a_launcher(tmp_path, capsys):
+    assert gui.main(["--write-launcher", str(tmp_path), "--auth", "me:secret"]) == 2
+    assert "a password does not belong in a launcher file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """`copylora gui`'s page (Gradio): one module per tab, each calling the CLI's own functions.
 
-Imports gradio: load it only through copylora.gui, which says how to install it when it is missing.
+The tab modules import gradio: load them only through copylora.gui, which says how to install it when it
+is missing (launcher and settings do without it).
 """
