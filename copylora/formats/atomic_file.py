@@ -84,12 +84,14 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     return removed
 
 
-def _locked_temp(path: Path) -> tuple[int, str]:
-    """A new temp file beside `path`, created and locked by this process."""
+def _locked_temp(path: Path) -> tuple[int | None, str]:
+    """A new temp file beside `path`, created and locked by this process (the descriptor holding
+    the lock is returned; None on Windows, which cannot rename a file that is open)."""
     while True:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=_folder(path))
-        if fcntl is None:
-            return fd, tmp
+        if fcntl is None:  # pragma: no cover - Windows
+            os.close(fd)
+            return None, tmp
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:  # a cleaner may have taken it between the two calls: then it is gone, make another
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
@@ -150,7 +152,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], mod
                 os.replace(tmp, path)
                 tmp = None
             finally:
-                os.close(fd)  # after the rename: the lock is held until the file is in place
+                if fd is not None:
+                    os.close(fd)  # after the rename: the lock is held until the file is in place
     except OSError as exc:
         raise CopyloraError(f"{path}: could not write it ({describe_os_error(exc)}); nothing was written") from exc
     finally:

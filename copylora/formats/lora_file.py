@@ -389,9 +389,10 @@ def check_finite_output(path: Path, tensors: Mapping[str, torch.Tensor]) -> None
     ratios) would otherwise be saved as Inf without a word."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not is_finite(tensor):
+            hint = " (--save_precision float or bf16 have the range fp16 lacks)" if tensor.dtype == torch.float16 else ""
             raise CopyloraError(
-                f"{path}: {key} would be saved as NaN or Inf in {str(tensor.dtype).removeprefix('torch.')} "
-                "(a value past its range); nothing was written (--save_precision float has the most range)"
+                f"{path}: {key} would be saved as NaN or Inf in {str(tensor.dtype).removeprefix('torch.')}; "
+                f"nothing was written{hint}"
             )
 
 
