@@ -83,8 +83,9 @@ def rewritten_header(path: Path, change) -> None:
         lambda h: h["b"].update(shape=[3]),  # size disagrees with the offsets
         lambda h: h.update(extra={"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}),  # overlap
         lambda h: h.update(__metadata__={"n": 1}),  # metadata values must be strings
+        lambda h: h.update(__metadata__=0),  # a falsy non-map was taken for "no metadata" (found by hypothesis)
     ],
-    ids=["unknown-dtype", "gap", "wrong-size", "overlap", "non-string-metadata"],
+    ids=["unknown-dtype", "gap", "wrong-size", "overlap", "non-string-metadata", "metadata-zero"],
 )
 def test_a_file_it_cannot_vouch_for_goes_to_safetensors(tmp_path, change):
     path = tmp_path / "odd.safetensors"

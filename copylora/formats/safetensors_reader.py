@@ -83,7 +83,8 @@ def _parse_header(buffer: torch.Tensor) -> tuple[list[_Entry], dict[str, str], i
         return None
     if not isinstance(header, dict):
         return None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)  # absent or null: none; 0, "", [] are refused, as safetensors does
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         return None
     entries = []
