@@ -305,6 +305,8 @@ def test_resize_inspect_preview_and_settings_tabs(server, browser, tmp_path):
     browser.open_tab("Preview")
     browser.type_into("preview-base", str(server.kohya.base))
     browser.upload("preview-loras", [b])
+    browser.type_into("preview-width", "64")
+    browser.type_into("preview-height", "64")
     browser.css("#preview-run").click()
     browser.wait_for(lambda: browser.css("#preview-grid img").is_displayed())
     assert str(server.output_dir / "B_preview") in browser.value("preview-summary")

@@ -76,9 +76,8 @@ def build(page: Page) -> None:
     button = gr.Button(t("merge_button"), variant="primary", elem_id="merge-run")
     summary = gr.Textbox(label=t("summary"), elem_id="merge-summary")
     totals = gr.Textbox(label=t("fidelity"), elem_id="merge-fidelity")
-    with gr.Row():
-        table = gr.Code(label=t("block_table"), language=None, elem_id="merge-table")
-        spectrum = gr.Image(label=t("spectrum"), type="filepath", elem_id="merge-spectrum")
+    table = gr.Code(label=t("block_table"), language=None, elem_id="merge-table")
+    spectrum = gr.Image(label=t("spectrum"), type="filepath", elem_id="merge-spectrum")
     download = gr.File(label=t("download"), elem_id="merge-download")
     button.click(
         merge,

@@ -48,8 +48,8 @@ def build(page: Page) -> None:
         seeds = gr.Textbox(label=t("seeds"), value="1 2 3", elem_id="preview-seeds")
         prompt = gr.Textbox(label=t("prompt"), value="", elem_id="preview-prompt", scale=2)
     with gr.Row():
-        width = gr.Number(label=t("width"), value=0, precision=0, minimum=0)
-        height = gr.Number(label=t("height"), value=0, precision=0, minimum=0)
+        width = gr.Number(label=t("width"), value=0, precision=0, minimum=0, elem_id="preview-width")
+        height = gr.Number(label=t("height"), value=0, precision=0, minimum=0, elem_id="preview-height")
         steps = gr.Number(label=t("steps"), value=20, precision=0, minimum=1)
         gen_img_args = gr.Textbox(label=t("gen_img_args"), value="", placeholder="--tokenizer_cache_dir DIR", scale=2)
     button = gr.Button(t("preview_button"), variant="primary", elem_id="preview-run")
