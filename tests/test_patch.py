@@ -408,6 +408,9 @@ def test_shim_source_is_found_and_marked() -> None:
     assert path == REPO / "sd_scripts_patch" / "shim.py"
     assert sd_checkout.shim_version(path.read_bytes()) == 2
     assert sd_checkout.shim_version(STANDIN_ORIGINAL) is None
+    # an edited shim is still known by the words only the shim uses (its marker line may be gone)
+    assert all(word in path.read_bytes() for word in sd_checkout.SHIM_WORDS)
+    assert not sd_checkout.is_shim(STANDIN_ORIGINAL) and sd_checkout.is_shim(path.read_bytes().split(b"\n", 1)[1])
     spec = importlib.util.spec_from_file_location("copylora_shim_under_test", path)
     shim_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shim_module)  # importing it (not as __main__) runs nothing
