@@ -244,3 +244,19 @@ def test_a_password_is_never_written_into_a_launcher(tmp_path, capsys):
     assert gui.main(["--write-launcher", str(tmp_path), "--auth", "me:secret"]) == 2
     assert "a password does not belong in a launcher file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_are_served_from_the_output_folder_only(served):
+    import urllib.error
+    import urllib.request
+
+    url, output_dir, root, _ = served
+    inside, outside = output_dir / "shown.txt", root / "private.txt"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    inside.write_text("shown")
+    outside.write_text("private")
+    assert urllib.request.urlopen(f"{url}gradio_api/file={inside}").read() == b"shown"
+    for path in (outside, Path(__file__)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}gradio_api/file={path}")
+        assert refused.value.code == 403
