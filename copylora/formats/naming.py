@@ -141,11 +141,28 @@ def expand_lbw(vector: list[float]) -> BlockWeights:
     return BlockWeights(tuple(weights), len(vector) in SDXL_PRESET_LENGTHS, frozenset(indices))
 
 
+# The DiT families' blocks (kohya's lora_flux/sd3/lumina/hunyuan_image/anima names): label, numbered or not
+_DIT_BLOCKS = re.compile(
+    r"^lora_unet_(?P<kind>double_blocks|single_blocks|joint_blocks|layers|blocks|context_refiner|noise_refiner"
+    r"|final_layer|llm_adapter)_(?P<number>\d+)?"
+)
+_DIT_LABELS = {"double_blocks": "double", "single_blocks": "single", "joint_blocks": "joint", "layers": "layer",
+               "blocks": "block"}
+
+
 def block_group(module_name: str) -> str:
-    """Coarse block label for reports: te, te1, te2, down_N / in_N, mid, up_N / out_N, other."""
-    for prefix, label in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te")):
+    """Coarse block label for reports: te, te1, te2, te3, down_N / in_N, mid, up_N / out_N; for the
+    DiT families double_NN, single_NN, joint_NN, layer_NN, block_NN, context_refiner, noise_refiner,
+    final_layer, llm_adapter; else other."""
+    for prefix, label in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"), ("lora_te_", "te")):
         if module_name.startswith(prefix):
             return label
+    dit = _DIT_BLOCKS.match(module_name)
+    if dit:
+        kind, number = dit.group("kind"), dit.group("number")
+        if kind in _DIT_LABELS and number is not None:
+            return f"{_DIT_LABELS[kind]}_{int(number):02d}"
+        return kind
     match = re.search(r"(down|up)_blocks_(\d+)_", module_name)
     if match:
         return f"{match.group(1)}_{match.group(2)}"

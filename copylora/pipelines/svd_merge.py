@@ -21,12 +21,15 @@ import torch
 from copylora.engine import EngineResult, MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.engine.reference import stacked_factors
 from copylora.errors import CopyloraError
-from copylora.formats import kohya_metadata
+from copylora.formats import families, kohya_metadata
 from copylora.formats.atomic_file import check_writable
 from copylora.formats.lora_file import (
+    KEY_FORMATS,
+    KOHYA_KEYS,
     LORA_FILE_TYPES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    KeyFormat,
     LoraFile,
     LoraModule,
     read_lora,
@@ -108,10 +111,20 @@ class PlannedModule:
 
     job: ModuleJob
     weight_shape: tuple[int, ...]  # (out, in) or (out, in, kh, kw)
+    key_format: KeyFormat = KOHYA_KEYS  # the first input's names for the pair (PEFT's stay PEFT's)
+    key_suffix: str = ".weight"
 
     @property
     def is_conv(self) -> bool:
         return len(self.weight_shape) == 4
+
+    @property
+    def up_key(self) -> str:
+        return f"{self.job.name}.{self.key_format.up}{self.key_suffix}"
+
+    @property
+    def down_key(self) -> str:
+        return f"{self.job.name}.{self.key_format.down}{self.key_suffix}"
 
 
 def validate_request(request: MergeRequest) -> None:
@@ -216,7 +229,8 @@ def plan_modules(
             scales=[s for _, _, s in entries],
             rank=rank,
         )
-        planned.append(PlannedModule(job=job, weight_shape=first.weight_shape))
+        planned.append(PlannedModule(job=job, weight_shape=first.weight_shape, key_format=first.key_format,
+                                     key_suffix=first.key_suffix))
     return planned
 
 
@@ -264,13 +278,15 @@ def output_tensors(
         if plan.is_conv:
             up = up.reshape(plan.weight_shape[0], rank, 1, 1)
             down = down.reshape(rank, *plan.weight_shape[1:])
-        tensors[f"{name}.lora_up.weight"] = as_saved(up, merge_dtype, save_dtype).contiguous()
-        tensors[f"{name}.lora_down.weight"] = as_saved(down, merge_dtype, save_dtype).contiguous()
+        tensors[plan.up_key] = as_saved(up, merge_dtype, save_dtype).contiguous()
+        tensors[plan.down_key] = as_saved(down, merge_dtype, save_dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(rank if alpha is None else alpha)
     return tensors
 
 
-def build_metadata(request: MergeRequest, files: list[LoraFile]) -> dict[str, str]:
+def build_metadata(
+    request: MergeRequest, files: list[LoraFile], family: families.Family | None = None
+) -> dict[str, str]:
     """The file's metadata, with placeholders for the sshs_* hashes of its data (write_lora fills them)."""
     base = kohya_metadata.BaseModelInfo.from_metadata([f.metadata for f in files])
     conv_rank = request.conv_rank
@@ -287,7 +303,8 @@ def build_metadata(request: MergeRequest, files: list[LoraFile]) -> dict[str, st
         metadata = kohya_metadata.network_metadata(
             base, str(request.new_rank), str(request.new_rank), {"conv_dim": conv_rank, "conv_alpha": conv_rank}
         )
-    metadata.update(kohya_metadata.converted_from([(f.title, {m.adapter for m in f.modules.values()}, f.metadata) for f in files]))
+    adapters = [(f.title, {m.adapter for m in f.modules.values()}, f.metadata) for f in files]
+    metadata.update(kohya_metadata.converted_from(adapters))
     metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
     if not request.no_metadata:
         if base.is_v2:
@@ -295,6 +312,7 @@ def build_metadata(request: MergeRequest, files: list[LoraFile]) -> dict[str, st
         metadata.update(
             kohya_metadata.modelspec_metadata(base, title=Path(request.save_to).stem, merged_from=[f.title for f in files])
         )
+    families.relabel(metadata, family, [f.metadata for f in files])
     return metadata
 
 
@@ -351,7 +369,7 @@ def measure_merge(
     for plan in planned:
         name, result = plan.job.name, merged[plan.job.name]
         scale = float(tensors[f"{name}.alpha"]) / plan.job.rank  # 1 unless one alpha is shared
-        saved = as_factors(tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"], scale)
+        saved = as_factors(tensors[plan.up_key], tensors[plan.down_key], scale)
         measured.append(
             measure_module(name, stacked_factors(plan.job), plan.job.rank, as_factors(result.up, result.down), saved, saved)
         )
@@ -369,11 +387,18 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
     files = []
     for model in request.models:
         logger.info("loading: %s", model)
-        lora = read_lora(model)
+        lora = read_lora(model, KEY_FORMATS)  # PEFT's lora_A/lora_B too (ai-toolkit, diffusers)
         if lora.ignored_keys:
             logger.warning("%s: ignoring %d non-LoRA tensors (e.g. %s)", model, len(lora.ignored_keys), lora.ignored_keys[0])
         files.append(lora)
 
+    inputs = [families.Input(f.path, f.metadata, list(f.modules)) for f in files]
+    family = families.one_family(inputs)
+    if lbws and family is not None and not family.has_lbw:
+        which = next(i.path for i in inputs if i.family is family)
+        raise CopyloraError(
+            f"--lbws: layer block weights are defined for SD U-Nets only (kohya's LBW); {which} is a {family.name} LoRA"
+        )
     planned = plan_modules(files, request.ratios, lbws, request)
     logger.info("new rank: %d, new conv rank: %d; merging %d modules", request.new_rank, request.conv_rank, len(planned))
     options = SvdOptions(clamp_quantile=request.clamp_quantile, sqrt_split=request.sqrt_split)
@@ -399,7 +424,7 @@ def merge_files(request: MergeRequest, on_progress: Callable[[int, int], None] |
         fidelity = totals_line(total, request.save_precision or request.precision)
     result.modules.clear()  # the engine's batches: the file's tensors hold what they need of them
     logger.info("calculating hashes and creating metadata...")
-    metadata = build_metadata(request, files)
+    metadata = build_metadata(request, files, family)
     logger.info("saving model to: %s", request.save_to)
     write_lora(request.save_to, tensors, metadata, data_hashes=kohya_metadata.weight_hashes)
     return MergeSummary(
