@@ -16,6 +16,7 @@ from copylora.formats import families
 from copylora.formats.naming import block_group, conv_kernel
 from copylora.formats.synthetic import ModuleShape, random_lora
 from copylora.merge import main as merge_main
+from copylora.resize import main as resize_main
 from tests.conftest import kohya_file
 
 MANIFESTS = {"sd15": "SD 1.x/2.x", "sd15_conv": "SD 1.x/2.x", "sdxl": "SDXL", "sdxl_conv": "SDXL", "flux1": "FLUX.1",
@@ -154,3 +155,21 @@ def test_peft_inputs_merge_and_keep_their_names(tmp_path):
                        for sign, f in ((1, files[1]), (-1, files[0])))
         got = saved[f"{name}.lora_B.weight"].float() @ saved[f"{name}.lora_A.weight"].float()
         assert float((got - expected).norm() / expected.norm()) < 1e-5, name
+
+
+def test_a_flux_loha_converts_to_a_flux_lora(tmp_path):
+    """resize keeps the input's metadata (as stock); a converted LoHa names the family's LoRA module."""
+    name, out_features, in_features = "lora_unet_double_blocks_0_img_attn_proj", 3072, 3072
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"{name}.hada_w1_a": torch.randn(out_features, 4, generator=gen),
+               f"{name}.hada_w1_b": torch.randn(4, in_features, generator=gen),
+               f"{name}.hada_w2_a": torch.randn(out_features, 4, generator=gen),
+               f"{name}.hada_w2_b": torch.randn(4, in_features, generator=gen), f"{name}.alpha": torch.tensor(2.0)}
+    source = tmp_path / "loha.safetensors"
+    save_file(tensors, str(source), {**FLUX_METADATA, "ss_network_module": "networks.loha"})
+    out = tmp_path / "out.safetensors"
+    assert resize_main(["--model", str(source), "--save_to", str(out), "--new_rank", "16", "--quiet"]) == 0
+    metadata = metadata_of(out)
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert metadata["copylora_converted_from"] == "loha: LoHa (networks.loha)"
+    assert metadata["modelspec.architecture"] == FLUX_METADATA["modelspec.architecture"]

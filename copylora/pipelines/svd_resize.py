@@ -27,7 +27,7 @@ import torch
 
 from copylora.engine import MergedModule, ModuleJob, SvdOptions, merge_jobs
 from copylora.errors import CopyloraError
-from copylora.formats import kohya_metadata
+from copylora.formats import families, kohya_metadata
 from copylora.formats.lora_file import KEY_FORMATS, LoraFile, LoraModule, read_lora, write_lora
 from copylora.pipelines.dynamic_rank import dynamic_rank, is_zero_spectrum, validate_dynamic
 from copylora.pipelines.svd_merge import (
@@ -212,7 +212,8 @@ def build_metadata(request: ResizeRequest, lora: LoraFile, written_alpha: float)
         metadata["ss_network_alpha"] = str(written_alpha)
     converted = kohya_metadata.converted_from([(lora.title, {m.adapter for m in lora.modules.values()}, lora.metadata)])
     if converted:  # a LoHa/LoKr file comes out a plain LoRA: say so, and drop the adapter's network settings
-        metadata.update(converted, ss_network_module="networks.lora")
+        family = families.Input(lora.path, lora.metadata, list(lora.modules)).family
+        metadata.update(converted, ss_network_module=family.lora_module if family else "networks.lora")
         metadata.pop("ss_network_args", None)
         metadata["ss_training_comment"] = f"converted to LoRA by copylora; {metadata['ss_training_comment']}"
     metadata.update(kohya_metadata.HASH_PLACEHOLDERS)
