@@ -280,6 +280,7 @@ def test_copy_machine_progress_stop_and_resume(server, browser):
     assert "fidelity vs exact delta: retained" in browser.css("#cm-fidelity").text
     report = browser.css("#cm-report").text
     assert "merge B - A" in report and "reused (trained " in report
+    assert browser.css("#cm-report img").get_attribute("naturalWidth") != "0"  # the report's picture, served
     assert "edit\n.safetensors" in browser.css("#cm-download").text  # the page splits off the suffix
     assert (server.output_dir / "edit.safetensors").is_file()
     browser.screenshot("gui_copy_machine.png")

@@ -3,6 +3,7 @@ streamed, Stop, and the results (picture, fidelity, per-block table, report, dow
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,9 +87,20 @@ class CopyMachineTab:
             table, totals, _ = measure(output, [str(work / "B.safetensors"), str(work / "A.safetensors")],
                                        [1.0, -1.0], args.clamp_quantile)
             measured = f"{totals}\n\n{table}"
-        report = progress.report.read_text(encoding="utf-8") if progress.report and progress.report.is_file() else ""
+        report = ""
+        if progress.report and progress.report.is_file():
+            report = self.served_pictures(progress.report.read_text(encoding="utf-8"), progress.report.parent)
         download = self.page.servable(output)
         return (str(picture) if picture.is_file() else None), measured, report, (str(download) if download else None)
+
+    def served_pictures(self, markdown: str, folder: Path) -> str:
+        """The report's pictures, linked relative to the report file, as the page's URLs for them."""
+
+        def served(match: re.Match[str]) -> str:
+            path = self.page.servable(folder / match[2])
+            return f"![{match[1]}](/gradio_api/file={path.as_posix()})" if path else match[0]
+
+        return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", served, markdown)
 
     def run(self, base, before, after, method, sdxl, preset, max_train_epochs, max_train_steps, network_dim,
             learning_rate, resolution, new_rank, clamp_quantile, dynamic_method, dynamic_param, output, preview,
