@@ -178,8 +178,10 @@ def test_split_sv_keeps_large_deltas_inside_fp16(tmp_path):
     exact = exact_deltas([model], [1.0])
 
     common = ["--new_rank", "4", "--clamp_quantile", "1", "--save_precision", "fp16"]
-    overflow = load_file(str(merge([model], [1.0], tmp_path / "s.safetensors", *common)))
-    assert not torch.isfinite(overflow[f"{shape.name}.lora_up.weight"]).all()
+    # S on up overflows fp16: refused (exit 2), no longer written as Inf
+    overflow = tmp_path / "s.safetensors"
+    assert merge_main(["--models", str(model), "--ratios", "1.0", "--save_to", str(overflow), "--quiet", *common]) == 2
+    assert not overflow.exists()
     balanced = merge([model], [1.0], tmp_path / "sqrt.safetensors", *common, "--split_sv")
     errors = compare_deltas(module_deltas(load_file(str(balanced))), exact)
     assert errors.worst <= FP16_WORST, errors.errors
