@@ -260,3 +260,34 @@ def test_files_are_served_from_the_output_folder_only(served):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}gradio_api/file={path}")
         assert refused.value.code == 403
+
+
+# ---------------------------------------------------------------- what the page works out for itself
+
+
+def test_sdxl_is_read_off_the_base_model(tmp_path):
+    from copylora.webui.copy_machine_tab import detected_sdxl
+
+    def checkpoint(name: str, keys: list[str]) -> str:
+        save_file({key: torch.zeros(1) for key in keys}, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    assert detected_sdxl(checkpoint("xl.safetensors", ["conditioner.embedders.1.model.ln_final.weight",
+                                                       "model.diffusion_model.out.0.weight"])) is True
+    assert detected_sdxl(checkpoint("sd15.safetensors", ["cond_stage_model.transformer.x.weight",
+                                                         "model.diffusion_model.out.0.weight"])) is False
+    assert detected_sdxl(checkpoint("lora.safetensors", ["lora_unet_x.lora_down.weight"])) is None  # cannot tell
+    assert detected_sdxl(str(tmp_path / "missing.safetensors")) is None and detected_sdxl("") is None
+    diffusers = tmp_path / "diffusers"
+    (diffusers / "text_encoder_2").mkdir(parents=True)
+    (diffusers / "model_index.json").write_text("{}")
+    assert detected_sdxl(str(diffusers)) is True
+
+
+def test_slider_values_follow_the_ratios_field():
+    from copylora.webui.merge_tab import slider_values
+
+    assert slider_values("1 -1", 2) == [1.0, -1.0]
+    assert slider_values("0.5", 3) == [0.5, -1.0, 0.0]  # B − A's defaults where the field has fewer
+    assert slider_values("3 -2.5", 2) == [2.0, -2.0]  # a slider's range; the field keeps what was typed
+    assert slider_values("1 x", 2) == [1.0, -1.0]

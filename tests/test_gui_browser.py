@@ -209,6 +209,9 @@ def test_merge_tab_writes_the_clis_file(server, browser, tmp_path):
     browser.open_tab("Difference / merge")
     browser.upload("merge-models", [b, a])
     browser.type_into("merge-ratios", "1 -1")
+    browser.wait_for(lambda: len(browser.driver.find_elements("css selector", ".merge-ratio")) == 2)
+    labels = [slider.text.splitlines()[0] for slider in browser.driver.find_elements("css selector", ".merge-ratio")]
+    assert labels == ["1: B.safetensors", "2: A.safetensors"]  # one slider per file, in order
     browser.type_into("merge-save-to", "browser_diff.safetensors")
     browser.css("#merge-run").click()
     browser.wait_for(lambda: browser.value("merge-summary").startswith("merged "))

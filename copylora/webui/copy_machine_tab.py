@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
+from safetensors import SafetensorError, safe_open
 
 from copylora import copy_machine
 from copylora.errors import CopyloraError
@@ -135,6 +136,40 @@ class CopyMachineTab:
         return self.page.texts("stopped")
 
 
+SDXL_KEY = "conditioner.embedders.1."  # SDXL's second text encoder, in a single-file checkpoint
+SD_KEYS = ("cond_stage_model.", "model.diffusion_model.")  # SD1.x/2.x single-file keys (without SDXL's)
+
+
+def detected_sdxl(base: str) -> bool | None:
+    """Whether the base is SDXL, from a .safetensors header or a diffusers folder; None when it cannot be
+    told (no such file yet, a .ckpt): the checkbox then stays as the user set it."""
+    path = Path(base.strip()).expanduser() if base and base.strip() else None
+    if path is None:
+        return None
+    if (path / "model_index.json").is_file():
+        return (path / "text_encoder_2").is_dir()
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except (SafetensorError, OSError, ValueError):
+        return None  # the command says what is wrong with it when it runs
+    if any(key.startswith(SDXL_KEY) for key in keys):
+        return True
+    return False if any(key.startswith(SD_KEYS) for key in keys) else None
+
+
+def follow_base(base: gr.Textbox, sdxl: gr.Checkbox) -> None:
+    """Tick or untick SDXL when the base model says which it is (the user may still override it)."""
+
+    def update(path: str):  # type: ignore[no-untyped-def]
+        found = detected_sdxl(path)
+        return gr.update() if found is None else gr.update(value=found)
+
+    base.change(update, base, sdxl, api_visibility="private", show_progress="hidden")
+
+
 def preset_choices(page: Page) -> list[tuple[str, str]]:
     return [(page.texts("preset_default"), ""), *((p.stem, p.stem) for p in sorted(PRESETS_DIR.glob("*.toml")))]
 
@@ -156,6 +191,7 @@ def build(page: Page) -> None:
     with gr.Row():
         before_image = gr.Image(label=t("before"), interactive=False, height=220, elem_id="cm-before-image")
         after_image = gr.Image(label=t("after"), interactive=False, height=220, elem_id="cm-after-image")
+    follow_base(base, sdxl)
     before.change(lambda path: path, before, before_image, api_visibility="private")
     after.change(lambda path: path, after, after_image, api_visibility="private")
     with gr.Row():

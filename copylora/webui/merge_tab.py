@@ -3,6 +3,8 @@ no rescaling), then its summary, the fidelity against the exact weighted sum and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from copylora import merge as merge_cli
@@ -19,6 +21,16 @@ def precision_choices(default_label: str) -> list[tuple[str, str]]:
 
 def dynamic_choices() -> list[tuple[str, str]]:
     return [("-", ""), *((name, name) for name in DYNAMIC_METHODS)]
+
+
+def slider_values(text: str, count: int) -> list[float]:
+    """The ratios field's values for `count` sliders: B − A's 1, -1 where it has fewer, clipped to a slider's range."""
+    try:
+        given = [float(word) for word in words(text)]
+    except ValueError:
+        given = []
+    defaults = [1.0, -1.0] + [0.0] * max(0, count - 2)
+    return [max(-2.0, min(2.0, value)) for value in (given + defaults[len(given):])[:count]]
 
 
 def build(page: Page) -> None:
@@ -61,6 +73,16 @@ def build(page: Page) -> None:
         ratios = gr.Textbox(label=t("ratios"), value="1 -1", info=t("ratios_info"), elem_id="merge-ratios")
         save_to = gr.Textbox(label=t("save_to"), value="difference.safetensors", info=t("save_to_info"),
                              elem_id="merge-save-to")
+
+    @gr.render(inputs=[models, ratios], triggers=[models.change, ratios.change])
+    def ratio_sliders(files: list[str] | None, text: str) -> None:
+        """One slider per file, −2 to 2, kept in step with the ratios field (which the API and the merge read)."""
+        sliders = [gr.Slider(-2, 2, value=ratio, step=0.05, label=f"{index + 1}: {Path(file).name}",
+                             elem_classes="merge-ratio")
+                   for index, (file, ratio) in enumerate(zip(paths(files), slider_values(text, len(paths(files)))))]
+        for slider in sliders:
+            slider.release(lambda *values: " ".join(f"{v:g}" for v in values), sliders, ratios,
+                           api_visibility="private")
     with gr.Row():
         new_rank = gr.Number(label=t("new_rank"), value=16, precision=0, minimum=1, elem_id="merge-new-rank")
         new_conv_rank = gr.Number(label=t("new_conv_rank"), value=0, precision=0, minimum=0)

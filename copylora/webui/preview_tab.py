@@ -9,6 +9,7 @@ import gradio as gr
 from copylora import preview as preview_cli
 from copylora.errors import CopyloraError
 from copylora.webui.cli_calls import optional, parse, paths, shows_errors, words
+from copylora.webui.copy_machine_tab import follow_base
 from copylora.webui.page import Page
 
 
@@ -41,6 +42,7 @@ def build(page: Page) -> None:
     with gr.Row():
         base = gr.Textbox(label=t("base"), info=t("base_info"), elem_id="preview-base", scale=3)
         sdxl = gr.Checkbox(label=t("sdxl"), value=False)
+    follow_base(base, sdxl)
     loras = gr.File(label=t("preview_lora"), file_count="multiple", type="filepath",
                     file_types=[".safetensors", ".ckpt", ".pt"], elem_id="preview-loras")
     with gr.Row():
