@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from copylora.formats import families
 from copylora.formats.naming import block_group, conv_kernel
 from copylora.formats.synthetic import ModuleShape, random_lora
+from copylora.inspect import main as inspect_main
 from copylora.merge import main as merge_main
 from copylora.resize import main as resize_main
 from tests.conftest import kohya_file
@@ -78,6 +79,14 @@ def test_inspect_blocks_of_a_flux_lora():
 
 
 # ---------------------------------------------------------------- merge
+
+
+def test_inspect_groups_a_flux_lora_by_block(tmp_path, capsys):
+    modules = shapes("flux1", 3) + [s for s in shapes("flux1", 300) if s.name.startswith("lora_unet_single_blocks_2_")]
+    path = write(tmp_path / "flux.safetensors", modules, FLUX_METADATA, 0)
+    assert inspect_main([str(path)]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["double_00"] == "3" and rows["single_02"] == "3" and "other" not in rows
 
 
 def test_flux_pair_merge_carries_the_family_metadata(tmp_path):
