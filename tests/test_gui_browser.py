@@ -178,7 +178,7 @@ class Kohya(FakeKohya):
         Image.new("RGB", (24, 36), (90, 90, 90)).save(self.after)
 
     def trained(self) -> list[str]:
-        return [run["config"]["output_name"] for run in read_log(self.log)]
+        return [run["config"]["output_name"] for run in read_log(self.log) if "config" in run]  # not gen_img's
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +276,16 @@ def test_copy_machine_progress_stop_and_resume(server, browser):
     assert (work / "A.safetensors").is_file() and not (work / "B.safetensors").exists()
 
     kohya.slow_flag.unlink()
+    browser.css("#cm-preview input").click()  # and a preview grid at the end (stand-in gen_img)
+    browser.type_into("cm-preview-args", "--seeds 1 2 --width 32 --height 32")
     browser.css("#cm-run").click()
     browser.wait_for(lambda: "finished" in browser.css("#cm-status").text)
     assert kohya.trained() == ["A", "B"]  # A once (reused on the second Run), B once (the first was stopped)
     browser.wait_for(lambda: browser.css("#cm-picture img").is_displayed())
+    assert "grid.png" in browser.css("#cm-picture img").get_attribute("src")  # the preview grid
     assert "fidelity vs exact delta: retained" in browser.css("#cm-fidelity").text
     report = browser.css("#cm-report").text
-    assert "merge B - A" in report and "reused (trained " in report
+    assert "merge B - A" in report and "reused (trained " in report and "kohya's gen_img" in report
     assert browser.css("#cm-report img").get_attribute("naturalWidth") != "0"  # the report's picture, served
     assert "edit\n.safetensors" in browser.css("#cm-download").text  # the page splits off the suffix
     assert (server.output_dir / "edit.safetensors").is_file()

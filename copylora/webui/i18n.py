@@ -112,7 +112,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "run": ("Run", "実行"),
     "stop": ("Stop", "停止"),
     "status": ("Progress", "進行状況"),
-    "log": ("kohya's last lines", "kohya の出力（最新）"),
+    "log": ("The run's last lines (kohya's and copylora's)", "実行ログの最新行（kohya と copylora）"),
     "report": ("Report", "レポート"),
     "picture": ("Picture", "画像"),
     "step": ("step", "ステップ"),
