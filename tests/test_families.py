@@ -133,6 +133,15 @@ def test_two_families_are_refused_naming_both(tmp_path, capsys, by):
     assert "flux.safetensors" in err and "sdxl.safetensors" in err and not out.exists()
 
 
+def test_a_file_mixing_families_is_refused(tmp_path, capsys):
+    mixed = write(tmp_path / "mixed.safetensors", shapes("flux1", 2) + shapes("sdxl", 2), {}, 0)
+    out = tmp_path / "out.safetensors"
+    assert merge("--models", str(mixed), "--ratios", "1", "--save_to", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mixed.safetensors: mixes module names of SDXL and FLUX.1" in err, err
+    assert not out.exists()
+
+
 def test_lbws_are_refused_for_a_dit_family(tmp_path, capsys):
     a = write(tmp_path / "A.safetensors", shapes("sd3", 3), {"ss_base_model_version": "sd3"}, 0)
     out = tmp_path / "out.safetensors"

@@ -85,9 +85,12 @@ class Input:
 
 def one_family(inputs: list[Input]) -> Family | None:
     """The inputs' family; CopyloraError naming both when two inputs are for different families
-    (or share no module name at all)."""
+    (or, families unknown, share no module name at all), or one file mixes two families' names."""
     first: Input | None = None
     for item in inputs:
+        named = [f.name for f in FAMILIES if any(f.names.match(name) for name in item.names)]
+        if len(named) > 1:
+            raise CopyloraError(f"{item.path}: mixes module names of {' and '.join(named)} (one file, two models?)")
         family = item.family
         if family is None:
             continue
