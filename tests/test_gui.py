@@ -291,3 +291,33 @@ def test_slider_values_follow_the_ratios_field():
     assert slider_values("0.5", 3) == [0.5, -1.0, 0.0]  # B − A's defaults where the field has fewer
     assert slider_values("3 -2.5", 2) == [2.0, -2.0]  # a slider's range; the field keeps what was typed
     assert slider_values("1 x", 2) == [1.0, -1.0]
+
+
+def test_copy_machine_through_the_api(served, monkeypatch):
+    """The stand-in kohya trains A and B; a kohya failure comes back as copy-machine's one line."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    url, output_dir, root, kohya = served
+    before, after = root / "before.png", root / "after.png"
+    Image.new("RGB", (24, 36), (200, 30, 30)).save(before)
+    Image.new("RGB", (24, 36), (90, 90, 90)).save(after)
+    client = Client(url, verbose=False)
+    status, log, picture, fidelity, report, download = client.predict(
+        base=str(kohya.base), before=handle_file(str(before)), after=handle_file(str(after)), new_rank=16,
+        clamp_quantile=1, output="api_edit.safetensors", api_name="/copy_machine",
+    )
+    saved = output_dir / "api_edit.safetensors"
+    assert "finished" in status and log.splitlines()[-1] == str(saved)
+    assert fidelity.startswith("fidelity vs exact delta: retained 100.00% of energy") and "total" in fidelity
+    assert Path(picture).is_file() and "# copy-machine LoRA" in report
+    assert Path(download).read_bytes() == saved.read_bytes()
+
+    monkeypatch.setenv("FAKE_KOHYA_EXIT", "7")  # a new output name: a new work folder, so kohya runs again
+    with pytest.raises(AppError) as caught:
+        client.predict(base=str(kohya.base), before=handle_file(str(before)), after=handle_file(str(after)),
+                       output="failing.safetensors", api_name="/copy_machine")
+    assert str(caught.value) == ("copylora.copy_machine: error: LoRA A: kohya's train_network.py exited with code 7 "
+                                 "(its output is above); rerun to resume")
+    assert not (output_dir / "failing.safetensors").exists()

@@ -39,6 +39,13 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def gradio_installed() -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        missing('needs the [gui] extra (pip install "copylora[gui]")')
+
+
 def chromium() -> tuple[str, str]:
     """The system's Chromium and its chromedriver (Debian: apt-get install chromium chromium-driver)."""
     browser = next((path for path in map(shutil.which, CHROMIUMS) if path), None)
@@ -88,7 +95,7 @@ class Browser:
     """A headless Chromium page with the waits these tests need."""
 
     def __init__(self, url: str, language: str = "en-US"):
-        pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+        gradio_installed()
         try:
             from selenium import webdriver
             from selenium.webdriver.chrome.service import Service
@@ -184,7 +191,7 @@ class Kohya(FakeKohya):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The English page, its settings pointing at a stand-in kohya checkout."""
-    pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+    gradio_installed()
     chromium()
     root = tmp_path_factory.mktemp("gui_en")
     with pytest.MonkeyPatch.context() as patch:
@@ -326,7 +333,7 @@ def test_resize_inspect_preview_and_settings_tabs(server, browser, tmp_path):
 
 
 def test_the_japanese_page(tmp_path):
-    pytest.importorskip("gradio", reason="needs the [gui] extra (gradio)")
+    gradio_installed()
     chromium()
     server = Server(tmp_path, "ja")
     try:

@@ -3,6 +3,7 @@ streamed, Stop, and the results (picture, fidelity, per-block table, report, dow
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,7 @@ class CopyMachineTab:
             *(["--preview"] if preview else []), *(["--preview-args", preview_args] if preview and preview_args else []),
         ]
 
-    def results(self, args, progress: Progress) -> tuple[str | None, str, str, str | None]:
+    def results(self, args: argparse.Namespace, progress: Progress) -> tuple[str | None, str, str, str | None]:
         """The picture (preview grid, else A and B side by side), fidelity and table, report, download."""
         output: Path = args.output.resolve()
         grid = output.parent / f"{output.stem}_preview" / "grid.png"
@@ -103,9 +104,12 @@ class CopyMachineTab:
 
         return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", served, markdown)
 
-    def run(self, base, before, after, method, sdxl, preset, max_train_epochs, max_train_steps, network_dim,
-            learning_rate, resolution, new_rank, clamp_quantile, dynamic_method, dynamic_param, output, preview,
-            preview_args) -> Iterator[Results]:
+    def run(self, base: str, before: str | None, after: str | None, method: str, sdxl: bool, preset: str,
+            max_train_epochs: int, max_train_steps: int, network_dim: int, learning_rate: float, resolution: str,
+            new_rank: int, clamp_quantile: float | None, dynamic_method: str, dynamic_param: float | None,
+            output: str, preview: bool, preview_args: str) -> Iterator[Results]:
+        """`copylora copy-machine` with these flags (and kohya's keys as --set), streamed; its parameter names
+        are the page's API."""
         t = self.page.texts
         if self.running is not None and self.running.process.poll() is None:
             raise CopyloraError(t("already_running"))
