@@ -16,8 +16,6 @@ TEXTS: dict[str, tuple[str, str]] = {
         "変更前の画像でLoRA A、変更後の画像でLoRA Bを学習し、その差分（B − A）だけを残します。"
         "各タブは対応する `copylora` コマンドと同じ処理を実行します。",
     ),
-    "error": ("error", "エラー"),
-    "done": ("done", "完了"),
     # tabs
     "tab_copy_machine": ("Copy machine", "コピー機"),
     "tab_merge": ("Difference / merge", "差分 / マージ"),
@@ -34,6 +32,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "new_rank": ("New rank (new_rank)", "新しいランク (new_rank)"),
     "new_conv_rank": ("Conv rank (new_conv_rank; 0 = same as new rank)", "Convランク (new_conv_rank、0 = 新しいランクと同じ)"),
     "save_precision": ("Save precision (save_precision)", "保存精度 (save_precision)"),
+    "same_as_precision": ("same as the merge precision", "マージ時の精度と同じ"),
     "precision": ("Merge precision (precision)", "マージ時の精度 (precision)"),
     "clamp_quantile": ("Clamp quantile (clamp_quantile)", "クランプ分位点 (clamp_quantile)"),
     "clamp_info": (
@@ -111,7 +110,6 @@ TEXTS: dict[str, tuple[str, str]] = {
     "preview_args": ("Preview options (preview_args)", "プレビューのオプション (preview_args)"),
     "run": ("Run", "実行"),
     "stop": ("Stop", "停止"),
-    "status": ("Progress", "進行状況"),
     "log": ("The run's last lines (kohya's and copylora's)", "実行ログの最新行（kohya と copylora）"),
     "report": ("Report", "レポート"),
     "picture": ("Picture", "画像"),

@@ -90,7 +90,7 @@ def build(page: Page) -> None:
                                    info=t("clamp_info"), elem_id="merge-clamp")
     with gr.Row():
         precision = gr.Dropdown(label=t("precision"), choices=list(PRECISIONS), value="float")
-        save_precision = gr.Dropdown(label=t("save_precision"), choices=precision_choices("= precision"), value="fp16")
+        save_precision = gr.Dropdown(label=t("save_precision"), choices=precision_choices(t("same_as_precision")), value="fp16")
         dynamic_method = gr.Dropdown(label=t("dynamic_method"), choices=dynamic_choices(), value="",
                                      info=t("dynamic_method_info"))
         dynamic_param = gr.Number(label=t("dynamic_param"), value=0)
