@@ -132,6 +132,67 @@ def thin_svd(
     return q_p @ u_c, s, vh_c @ q_q.mT
 
 
+# From this total rank R the batched backends take the Gram route below (measured on a 2-core CPU,
+# bench/README.md: within noise of Cholesky-QR twice up to R = 32, faster from R = 64); the C++
+# kernel's kGramMinRank.
+GRAM_MIN_RANK = 64
+
+
+def gram_thin_svd(
+    p: torch.Tensor, q: torch.Tensor, kept: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (B×out×k), S (B×m), Vh (B×k×in) of a batch of W = p @ q with k = kept ≤ m, and which modules
+    the route accepted (the rest are garbage for the caller to redo), as the C++ kernel's gram_route.
+
+    Only the kept vectors, without orthonormal bases of P and Qᵀ: the Cholesky factors of the
+    Grams (PᵀP = L_P L_Pᵀ, QQᵀ = L_Q L_Qᵀ) give the core L_Pᵀ L_Q, whose SVD U_c S V_cᵀ is W's, and
+    U_k = P·(L_P⁻ᵀ U_c[:, :k]), Vh_k = (V_c[:, :k]ᵀ L_Q⁻¹)·Q. The Grams are float64, so squaring the
+    condition number costs eps64·cond², not eps32·cond². P L_P⁻ᵀ is orthonormal to within about
+    eps64·√rows·‖P‖²_F·‖L_P⁻¹‖²_F, and S moves by that times ‖W‖_F: a module is accepted where both
+    Cholesky factorisations succeed and that movement, for P and Q together, stays below one float32
+    rounding of the factors, eps32·‖P‖_F‖Q‖_F (the engine tests allow 8).
+    """
+    p64, q64 = p.double(), q.double()
+    gram_p, gram_q = p64.mT @ p64, q64 @ q64.mT
+    with lapack_on_one_thread(p.device):
+        lower_p, info_p = torch.linalg.cholesky_ex(gram_p)
+        lower_q, info_q = torch.linalg.cholesky_ex(gram_q)
+        identity = torch.eye(gram_p.shape[-1], dtype=gram_p.dtype, device=gram_p.device).expand_as(gram_p)
+        inverse_p = torch.linalg.solve_triangular(lower_p, identity, upper=False)
+        inverse_q = torch.linalg.solve_triangular(lower_q, identity, upper=False)
+    norm_p, norm_q = gram_p.diagonal(dim1=-2, dim2=-1).sum(-1), gram_q.diagonal(dim1=-2, dim2=-1).sum(-1)
+    loss = torch.finfo(torch.float64).eps * (
+        norm_p * inverse_p.square().sum((-2, -1)) * p.shape[-2] ** 0.5
+        + norm_q * inverse_q.square().sum((-2, -1)) * q.shape[-1] ** 0.5
+    )
+    factorised = (info_p == 0) & (info_q == 0)
+    # LAPACK refuses a core with NaN: a failed factorisation's core is zeroed (the caller redoes it)
+    core = torch.where(factorised[..., None, None], (lower_p.mT @ lower_q).nan_to_num(0.0), 0.0)
+    u_c, s, vh_c = small_svd(core.float())
+    moved = loss * s.double().norm(dim=-1)
+    accepted = factorised & (moved <= (norm_p * norm_q).sqrt() * torch.finfo(torch.float32).eps)
+    left = inverse_p.mT @ u_c[..., :kept].double()
+    right = vh_c[..., :kept, :].double() @ inverse_q
+    return p @ left.float(), s, right.float() @ q, accepted
+
+
+def batch_thin_svd(p: torch.Tensor, q: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """thin_svd of a batch as the torch backend runs it, U and Vh cut to `kept` vectors: the Gram
+    route on the CPU where R ≥ GRAM_MIN_RANK and R < min(out, in), with Cholesky-QR twice (and
+    Householder) for the modules it declines; Cholesky-QR twice elsewhere. (On CUDA the Gram route
+    has not run on a GPU yet, so it is not taken there.)"""
+    out_features, total_rank = p.shape[-2:]
+    if p.device.type != "cpu" or total_rank < GRAM_MIN_RANK or total_rank >= min(out_features, q.shape[-1]):
+        u, s, vh = thin_svd(p, q, qr=cholesky_qr2)
+        return u[..., :kept], s, vh[..., :kept, :]
+    u, s, vh, accepted = gram_thin_svd(p, q, kept)
+    redo = (~accepted).nonzero().squeeze(-1)
+    if redo.numel() > 0:
+        u_redone, s_redone, vh_redone = thin_svd(p[redo], q[redo], qr=cholesky_qr2)
+        u[redo], s[redo], vh[redo] = u_redone[..., :kept], s_redone, vh_redone[..., :kept, :]
+    return u, s, vh
+
+
 def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip pairs so the largest-|value| entry of each U column (first on ties) is positive."""
     if u.shape[-1] == 0:
@@ -176,9 +237,10 @@ def merge_batch(
     jobs: list[ModuleJob], options: SvdOptions, device: torch.device | str, out_dtype: torch.dtype = torch.float32
 ) -> list[MergedModule]:
     """merge_module's steps for same-shaped jobs (equal group_key) at once, batched: one call per
-    step instead of one per module (~1000 small cuSOLVER calls for SD1.5), the QRs by Cholesky-QR.
+    step instead of one per module (~1000 small cuSOLVER calls for SD1.5), by batch_thin_svd.
     Results come back on the CPU, up and down in out_dtype (one cast per batch)."""
-    u, s, vh = thin_svd(*stacked_batch(jobs, device), qr=cholesky_qr2)
+    kept = min(max(job.rank for job in jobs), jobs[0].num_singular_values)
+    u, s, vh = batch_thin_svd(*stacked_batch(jobs, device), kept)
     u, vh = fix_signs(u, vh)
     singular_values = s.cpu()
     merged: list[MergedModule | None] = [None] * len(jobs)
