@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         lines = {"structure kept (SSIM of L*)": f"{measures.structure_kept:.3f}",
                  "colour change (mean ΔE00)": f"{measures.delta_e:.2f}",
-                 "chroma change (mean ΔC*)": f"{measures.delta_chroma:+.2f}",
+                 "chroma change (mean ΔC*)": image_measures.signed(measures.delta_chroma, 2),
                  f"changed (ΔE > {image_measures.CHANGED_DELTA_E:g})": f"{measures.changed_share:.1%}"}
         width = max(map(len, lines))
         print("\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in lines.items()))

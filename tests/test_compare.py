@@ -43,7 +43,7 @@ def test_text_output(pair, capsys):
     lines = capsys.readouterr().out.splitlines()
     measures, _ = image_measures.compare(*map(image_measures.read_rgb, pair))
     assert lines[0].startswith("structure kept (SSIM of L*):") and lines[0].endswith(f"{measures.structure_kept:.3f}")
-    assert lines[2].endswith(f"{measures.delta_chroma:+.2f}") and len(lines) == 4
+    assert lines[2].endswith(image_measures.signed(measures.delta_chroma, 2)) and len(lines) == 4
 
 
 def bad_inputs(pair: tuple[Path, Path], tmp_path: Path) -> dict[str, tuple[list[str], str]]:

@@ -330,7 +330,7 @@ def test_copy_machine_preview_puts_the_grid_in_the_report(setup):
     assert "| prompt | seed | strength | structure kept | ΔE | ΔC* | changed |" in report
     for row in scores[1:]:  # the measured cells, one table row each
         assert (f"| (empty prompt) | 7 | {row['strength']:g} | {row['structure_kept']:.3f} | {row['delta_e']:.2f} | "
-                f"{row['delta_chroma']:+.2f} | {row['changed_share']:.0%} |") in report
+                f"{image_measures.signed(row['delta_chroma'], 2)} | {row['changed_share']:.0%} |") in report
 
 
 def test_bad_preview_args_stop_before_training(setup, capsys):

@@ -76,6 +76,11 @@ def test_heatmap_scale():
     assert (np.diff(brightness) >= 0).all()  # brighter as ΔE grows
 
 
+def test_signed_numbers_show_no_negative_zero():
+    assert [image_measures.signed(v, 2) for v in (-0.001, 0.0, 0.004, -1.256, 3.0)] == [
+        "+0.00", "+0.00", "+0.00", "-1.26", "+3.00"]
+
+
 def test_sizes_must_match_and_fit_the_window(picture):
     with pytest.raises(ValueError, match="sizes differ"):
         compare(picture, picture[:-1])

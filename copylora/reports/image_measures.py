@@ -42,6 +42,11 @@ class Measures:
         return f"S {self.structure_kept:.2f}  dE {self.delta_e:.1f}"
 
 
+def signed(value: float, digits: int) -> str:
+    """A signed number as shown, without "-0.00" for a tiny negative one."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as an H x W x 3 uint8 array (alpha dropped, palette and grey expanded)."""
     from PIL import Image, UnidentifiedImageError

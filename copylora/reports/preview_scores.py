@@ -73,7 +73,8 @@ def summary(rows: list[dict]) -> str:
         name = f"{Path(lora).name} " if len(loras) > 1 else ""
         structure, delta_e, delta_chroma = (statistics.median(row[key] for row in group)
                                             for key in ("structure_kept", "delta_e", "delta_chroma"))
-        parts.append(f"{name}strength {strength:g}: structure {structure:.2f}, ΔE {delta_e:.1f}, ΔC* {delta_chroma:+.1f}")
+        parts.append(f"{name}strength {strength:g}: structure {structure:.2f}, ΔE {delta_e:.1f}, "
+                     f"ΔC* {image_measures.signed(delta_chroma, 1)}")
     if not parts:
         return "only strength 0 was made: nothing measured against it"
     count = len({(row["prompt"], row["seed"]) for row in rows})
@@ -90,6 +91,6 @@ def markdown_table(rows: list[dict]) -> list[str]:
         for row in group:
             cells = [row["prompt"] or "(empty prompt)", str(row["seed"]), *([Path(row["lora"]).name] if several else [])]
             cells += [f"{row['strength']:g}", f"{row['structure_kept']:.3f}", f"{row['delta_e']:.2f}",
-                      f"{row['delta_chroma']:+.2f}", f"{row['changed_share']:.0%}"]
+                      image_measures.signed(row["delta_chroma"], 2), f"{row['changed_share']:.0%}"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
