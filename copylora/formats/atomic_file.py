@@ -92,7 +92,10 @@ def _locked_temp(path: Path) -> tuple[int | None, str]:
         if fcntl is None:  # pragma: no cover - Windows
             os.close(fd)
             return None, tmp
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: its cleaners cannot lock either, so none removes it
+            return fd, tmp
         try:  # a cleaner may have taken it between the two calls: then it is gone, make another
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
                 return fd, tmp

@@ -82,7 +82,7 @@ SHIM_SOURCE = "shim.py"
 SHIM_MARKER = re.compile(rb"\A# copylora shim v(\d+)\s*$", re.MULTILINE)
 # a shim however edited: its marker on any line (after a BOM, a shebang, an encoding line...), or
 # the names only the shim uses; kohya's scripts contain none of them
-EDITED_SHIM_MARKER = re.compile(rb"^[ \t]*#[ \t]*copylora shim v\d+", re.MULTILINE)
+EDITED_SHIM_MARKER = re.compile(rb"^(?:\xef\xbb\xbf)?[ \t]*#[ \t]*copylora shim v\d+", re.MULTILINE)
 SHIM_WORDS = (b"COPYLORA_USE_ORIGINAL", b"copylora-original")
 SIDECAR_FORMAT = 1
 GUI_SUBDIR = "sd-scripts"
@@ -521,7 +521,8 @@ def _checkout_lock(root: Path) -> Iterator[None]:
         return
     fd = os.open(root / "networks", os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a file system without locks: not serialised, as on Windows
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
