@@ -153,10 +153,16 @@ def _load_tensors(path: Path) -> _Loaded:
     raise CopyloraError(f"{path}: unsupported file type {path.suffix!r} (use {LORA_FILE_TYPES})")
 
 
+# the paragraphs of torch's weights_only refusal that are the same for every file
+_WEIGHTS_ONLY_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def _weights_only_reason(exc: BaseException) -> str:
-    """What torch's long weights_only refusal names as the problem, e.g. `Unsupported global: ...`."""
-    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
-    return next((line.strip()[:200] for line in text.splitlines() if line.strip()), type(exc).__name__)
+    """The line of torch's long weights_only refusal that names the problem, e.g. `Trying to load
+    unsupported GLOBAL posix.system ...` or `Unsupported operand 149`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_WEIGHTS_ONLY_BOILERPLATE)]
+    return reasons[0][:200] if reasons else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
