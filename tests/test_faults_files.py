@@ -160,20 +160,23 @@ def test_the_corpus_through_merge_resize_and_inspect(tmp_path: Path, good: Path,
     bad.write_bytes(CORPUS[name])
     inputs = digests([good, bad])
     out = tmp_path / "out.safetensors"
-    for precision in ("fp16", "float"):
-        code = merge_main(["--models", str(good), str(bad), "--ratios", "1", "1", "--save_to", str(out),
-                           "--save_precision", precision, "--backend", "torch", "--quiet"])
-        check(code, capsys.readouterr().err, tmp_path, inputs, out)
-    code = resize_main(["--model", str(bad), "--new_rank", "8", "--save_to", str(out), "--save_precision", "fp16",
-                        "--backend", "torch", "--quiet"])
-    check(code, capsys.readouterr().err, tmp_path, inputs, out)
-    code = inspect_main([str(bad), "--backend", "torch"])
-    err = capsys.readouterr().err
-    check(code, err, tmp_path, inputs, None)
-    if name not in ACCEPTED:  # each file is broken for the reading itself, so every command refuses it
-        assert code == 2 and "error: " + str(bad) in err, err
-    if name.startswith("code-"):
-        assert "refused to load" in err and "arbitrary code" in err, err
+    runs = [
+        (lambda precision=precision: merge_main(["--models", str(good), str(bad), "--ratios", "1", "1", "--save_to",
+                                                 str(out), "--save_precision", precision, "--backend", "torch",
+                                                 "--quiet"]), out)
+        for precision in ("fp16", "float")
+    ]
+    runs.append((lambda: resize_main(["--model", str(bad), "--new_rank", "8", "--save_to", str(out),
+                                      "--save_precision", "fp16", "--backend", "torch", "--quiet"]), out))
+    runs.append((lambda: inspect_main([str(bad), "--backend", "torch"]), None))
+    for run, output in runs:
+        code = run()
+        err = capsys.readouterr().err
+        check(code, err, tmp_path, inputs, output)
+        if name not in ACCEPTED:  # each file is broken for the reading itself: every command refuses it
+            assert code == 2 and "error: " + str(bad) in err, err
+        if name.startswith("code-"):
+            assert "refused to load" in err and "arbitrary code" in err, err
 
 
 # ---------------------------------------------------------------- faults of the machine
