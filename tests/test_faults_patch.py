@@ -71,8 +71,8 @@ def apply(step: tuple, root: Path, precious: list[bytes]) -> None:
             pass  # refusing is allowed; losing bytes is not
         return
     current = target.read_bytes() if target.exists() else None
-    if current is None or not sd_checkout.is_shim(current):
-        return  # these change the shim; what the user does to their own script is theirs
+    if current is None or current in precious:
+        return  # these change the shim (edited or not); what the user does to their own script is theirs
     if kind == "update":
         newer = STANDIN_ORIGINAL + f"# upstream update {len(precious)}\n".encode()
         target.write_bytes(newer)
