@@ -223,6 +223,33 @@ def test_lbws_weigh_loha_and_lokr_modules_by_block(tmp_path):
         assert relative_error(saved_delta(out, name, shape), expected) < 1e-4, name
 
 
+def test_factors_match_lycoris_own_functions():
+    """LyCORIS' lycoris/functional (pip install lycoris-lora) rebuilds each layout's delta: the
+    factor pairs give the same matrix (scale 1 here; the scale rules are kohya's, tested above)."""
+    lycoris_loha = pytest.importorskip("lycoris.functional.loha", reason="needs lycoris-lora (pip install -e .[lycoris])")
+    lycoris_lokr = pytest.importorskip("lycoris.functional.lokr")
+    from copylora.formats.adapters import loha as copylora_loha, lokr as copylora_lokr
+
+    gen = torch.Generator().manual_seed(1)
+    f = {k: v.float() for k, v in loha(gen, (32, 24), 3, 3.0).items()}
+    cases = [(lycoris_loha.diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], None, None,
+                                       gamma=torch.tensor(1.0)), copylora_loha.factor_pair(f, 3.0))]
+    f = {k: v.float() for k, v in loha(gen, (32, 16, 3, 3), 2, 2.0, tucker=True).items()}
+    cases.append((lycoris_loha.diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], f["hada_t1"],
+                                           f["hada_t2"], gamma=torch.tensor(1.0)), copylora_loha.factor_pair(f, 2.0)))
+    for w1, w2, kernel, w2b_4d in [(("full", (4, 6)), ("ab", (8, 8)), None, False),
+                                   (("ab", (4, 6)), ("full", (8, 8)), None, False),
+                                   (("ab", (4, 6)), ("ab", (8, 8)), None, False),
+                                   (("full", (4, 4)), ("ab", (8, 4)), (3, 3), True)]:
+        f = {k: v.float() for k, v in lokr(gen, w1, w2, 2, 2.0, kernel=kernel, w2b_4d=w2b_4d).items()}
+        weights = [f.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")]
+        rank = 2 if weights[1] is not None or weights[4] is not None else 1.0
+        cases.append((lycoris_lokr.diff_weight(*weights, None, gamma=rank), copylora_lokr.factor_pair(f, 2.0)))
+    for reference, factors in cases:
+        got = (factors.up @ factors.down * factors.scale).reshape(reference.shape)
+        assert relative_error(got, reference) < 1e-5
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 
