@@ -105,8 +105,10 @@ class Browser:
         options = webdriver.ChromeOptions()
         options.binary_location = binary
         for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1200",
-                         f"--lang={language}"):  # Gradio's own words (upload hints) follow the browser's language
+                         f"--lang={language}"):
             options.add_argument(argument)
+        # Gradio's own words (upload hints) follow the browser's language
+        options.add_experimental_option("prefs", {"intl.accept_languages": language})
         self.driver = webdriver.Chrome(service=Service(driver), options=options)
         self.driver.get(url)
         self.wait_for(lambda: self.driver.find_elements("css selector", "button[role=tab]"))
