@@ -325,14 +325,7 @@ def _validated_module(
         raise bad(f"rank mismatch: lora_down {tuple(down.shape)} vs lora_up {tuple(up.shape)}")
     if down.numel() == 0 or up.numel() == 0:  # kohya would divide alpha by a rank of nothing
         raise bad(f"a factor has no values: lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}")
-    alpha_value: float | None = None
-    if alpha is not None:
-        if alpha.numel() != 1:
-            raise bad(f"alpha must be a scalar, found shape {tuple(alpha.shape)}")
-        alpha_value = float(alpha.reshape(()).item())
-        if alpha_value != alpha_value or alpha_value in (float("inf"), float("-inf")):
-            raise bad("alpha is NaN or Inf")
-    return LoraModule(name=name, down=down, up=up, alpha=alpha_value)
+    return LoraModule(name=name, down=down, up=up, alpha=None if alpha is None else _alpha_value(path, name, alpha))
 
 
 _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(SAFETENSORS_DTYPES)}

@@ -42,13 +42,6 @@ def full_split(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, torch.eye(cols, dtype=weight.dtype)
 
 
-def cheapest(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors as given, or the dense delta split by full_split where that has no more columns."""
-    if up.shape[1] >= min(up.shape[0], down.shape[1]):
-        return full_split(up @ down)
-    return up, down
-
-
 def tucker_factors(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LyCORIS' Tucker rebuild einsum("i j k l, i p, j r -> p r k l", core, w_a, w_b), flattened to
     (out, in·kh·kw), as w_aᵀ · (core ×₂ w_b): rank = core.shape[0]."""
