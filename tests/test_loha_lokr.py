@@ -96,12 +96,14 @@ def lora_file(gen):
     return {name: lora(gen, shape, 2 if len(shape) == 4 else 4, 1.0) for name, shape in SHAPES.items()}
 
 
-FLAT_CONVS = {  # resize-only: the 3×3 layouts without a Tucker core
+FLAT_CONVS = {  # resize-only: the other 3×3 layouts (no core; LyCORIS' Tucker LoCon)
     "loha_flat": lambda gen: {CONV1: loha(gen, SHAPES[CONV1], 2, 1.0)},
     "lokr_flat_kohya": lambda gen: {CONV1: lokr(gen, ("full", (4, 4)), ("ab", (8, 4)), 2, 1.0, kernel=(3, 3))},
     "lokr_flat_lycoris": lambda gen: {CONV1: lokr(gen, ("full", (4, 4)), ("ab", (8, 4)), 2, 1.0, kernel=(3, 3),
                                                   w2b_4d=True)},
     "lokr_full_w2_conv": lambda gen: {CONV1: lokr(gen, ("full", (4, 4)), ("full", (8, 4)), 2, 1.0, kernel=(3, 3))},
+    "locon_tucker": lambda gen: {CONV1: {"lora_down.weight": rand(gen, 3, 16, 1, 1), "lora_mid.weight": rand(gen, 3, 3, 3, 3),
+                                         "lora_up.weight": rand(gen, 32, 3, 1, 1), "alpha": torch.tensor(1.5)}},
 }
 
 
@@ -117,7 +119,11 @@ def write(path: Path, modules: dict[str, dict[str, torch.Tensor]], module: str =
 def kohya_delta(t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     t = {k: v.float() for k, v in t.items()}
     alpha = t["alpha"].item()
-    if "lora_down.weight" in t:
+    if "lora_mid.weight" in t:  # LyCORIS locon.py make_weight
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        wa, wb = up.view(up.size(0), -1).transpose(0, 1), down.view(down.size(0), -1)
+        delta = torch.einsum("i j ..., i p, j r -> p r ...", t["lora_mid.weight"], wa, wb) * alpha / down.shape[0]
+    elif "lora_down.weight" in t:
         down, up = t["lora_down.weight"], t["lora_up.weight"]
         delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * alpha / down.shape[0]
     elif "hada_w1_a" in t:
@@ -275,6 +281,8 @@ def test_refusals(tmp_path, capsys):
                                        "hada_t2": rand(gen, 3, 2, 3, 3)}}, CONV1, "Tucker core hada_t2")
     refused(tmp_path, capsys, {CONV1: {**lokr(gen, ("full", (4, 4)), ("tucker", (8, 4)), 2, 1.0, kernel=(3, 3)),
                                        "lokr_t2": rand(gen, 2, 3, 3, 3)}}, CONV1, "Tucker core lokr_t2")
+    refused(tmp_path, capsys, {CONV1: {"lora_down.weight": rand(gen, 3, 16, 1, 1), "lora_mid.weight": rand(gen, 2, 3, 3, 3),
+                                       "lora_up.weight": rand(gen, 32, 3, 1, 1)}}, CONV1, "Tucker core lora_mid")
     refused(tmp_path, capsys, {TO_Q: {**good_lokr, "lokr_w9": rand(gen, 2, 2)}}, f"{TO_Q}.lokr_w9", "does not know")
     refused(tmp_path, capsys, {TO_Q: {**good_lokr, "dora_scale": rand(gen, 64, 1)}}, "DoRA", "base model's weights")
     refused(tmp_path, capsys, {TO_Q: {"oft_blocks": rand(gen, 4, 16, 16), "alpha": torch.tensor(1.0)}}, "OFT",

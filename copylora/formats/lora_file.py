@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from copylora.errors import CopyloraError
 from copylora.formats import naming
 from copylora.formats.adapters import AdapterProblem, FactorPair
+from copylora.formats.adapters.lora import tucker_factor_pair
 from copylora.formats.adapters.modules import adapter_modules, refused_kind
 from copylora.formats.atomic_file import atomic_write  # also imported from here by other writers
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
@@ -204,6 +205,10 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
             raise CopyloraError(f"{path}: module {name} has {key_format.down} but no {key_format.up}")
         module = _validated_module(path, name, tensors[key], tensors[up_key], tensors.get(alpha_key),
                                    check_finite=not loaded.all_floats_finite)
+        mid_key = f"{name}.lora_mid{suffix}"
+        if mid_key in tensors:  # LyCORIS' Tucker LoCon: a core between down and up
+            module = _tucker_locon(path, module, tensors[mid_key], check_finite=not loaded.all_floats_finite)
+            used.add(mid_key)
         modules[name] = dataclasses.replace(module, key_format=key_format, key_suffix=suffix)
         used.update((key, up_key, alpha_key))
 
@@ -266,6 +271,17 @@ def _adapter_lora_modules(
             raise CopyloraError(f"{path}: module {bad.rpartition('.')[0]}: {bad} contains NaN or Inf")
     v2 = metadata.get("ss_v2") == "True"
     return {name: _as_lora_module(name, kind, factors, v2) for name, (kind, factors) in found.items()}, used
+
+
+def _tucker_locon(path: Path, pair: LoraModule, mid: torch.Tensor, check_finite: bool) -> LoraModule:
+    """A LoCon module with LyCORIS' lora_mid core, as the exact pair of its delta."""
+    if check_finite and mid.is_floating_point() and not is_finite(mid):
+        raise CopyloraError(f"{path}: module {pair.name}: lora_mid contains NaN or Inf")
+    try:
+        factors = tucker_factor_pair(pair.down, mid, pair.up, pair.alpha)
+    except AdapterProblem as problem:
+        raise CopyloraError(f"{path}: module {pair.name}: {problem}") from None
+    return _as_lora_module(pair.name, "LoCon (Tucker)", factors, v2=False)
 
 
 def _as_lora_module(name: str, kind: str, factors: FactorPair, v2: bool) -> LoraModule:
