@@ -321,3 +321,25 @@ def test_copy_machine_through_the_api(served, monkeypatch):
     assert str(caught.value) == ("copylora.copy_machine: error: LoRA A: kohya's train_network.py exited with code 7 "
                                  "(its output is above); rerun to resume")
     assert not (output_dir / "failing.safetensors").exists()
+
+
+def test_a_run_ends_with_the_gui(tmp_path, monkeypatch):
+    """The run's own process group misses the terminal's Ctrl-C: when the GUI's process exits, it ends it."""
+    from tests.test_gui_browser import Kohya, alive
+
+    kohya = Kohya(tmp_path, monkeypatch)
+    kohya.slow_flag.touch()  # LoRA B trains for 15 s
+    argv = ["--sd-scripts", str(kohya.sd_scripts), "--python", PYTHON, "--base", str(kohya.base), "--before",
+            str(kohya.before), "--after", str(kohya.after), "--output", str(tmp_path / "out" / "edit.safetensors")]
+    gui_process = (
+        "import sys, time\n"
+        "from copylora.webui.copy_machine_run import CopyMachineProcess\n"
+        f"run = CopyMachineProcess({argv!r})\n"
+        "lines = []\n"
+        "while not any('LoRA B: training' in line for line in lines):\n"
+        "    lines += run.lines(0.5)[0]\n"
+        "time.sleep(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", gui_process], timeout=120, check=True)
+    pids = [int(p.name) for p in kohya.pids.iterdir()]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)  # A finished; B's kohya ended with the GUI

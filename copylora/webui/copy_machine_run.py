@@ -6,6 +6,7 @@ The run is the command itself, so the page does what the terminal would, reuse o
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import re
@@ -86,6 +87,8 @@ class CopyMachineProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **group,
         )
         threading.Thread(target=self._read, daemon=True).start()
+        # its own process group does not get the terminal's Ctrl-C: end it with the GUI, not after it
+        atexit.register(self.stop)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
