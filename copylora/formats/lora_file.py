@@ -3,8 +3,10 @@
 A kohya LoRA stores, per module `NAME`, `NAME.lora_down.weight` (r, in[, kh, kw]),
 `NAME.lora_up.weight` (out, r[, 1, 1]) and optionally a 0-dim `NAME.alpha` (absent means
 alpha = r). resize_lora.py also reads PEFT's `lora_A`/`lora_B` and ControlLoRA's `down`/`up`
-names for the same pair; `read_lora(path, KEY_FORMATS)` does too. Everything that can be wrong
-with a user's file is reported as one CopyloraError that names the file (and module).
+names for the same pair; `read_lora(path, KEY_FORMATS)` does too. LoHa, LoKr and LyCORIS' Tucker
+LoCon modules are read as the exact pair of their delta (copylora.formats.adapters). Everything
+that can be wrong with a user's file is reported as one CopyloraError that names the file (and
+module).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ KEY_FORMATS = (KOHYA_KEYS, PEFT_KEYS, CONTROL_LORA_KEYS)  # resize_lora's, in it
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One module's factors as stored in the file (original dtype and shape)."""
+    """One module's factors as stored in the file (original dtype and shape); for an adapter kind
+    (LoHa, LoKr, Tucker LoCon) the exact float32 pair computed from its tensors."""
 
     name: str
     down: torch.Tensor
@@ -64,7 +67,7 @@ class LoraModule:
     alpha: float | None  # None: the file has no alpha, so alpha = rank
     key_format: KeyFormat = KOHYA_KEYS
     key_suffix: str = ".weight"  # what follows <down>/<up> in the key: ".weight" or ""
-    adapter: str = "LoRA"  # what the file stores: LoRA (a pair), or LoHa/LoKr turned into this pair
+    adapter: str = "LoRA"  # what the file stores: LoRA (a pair), or the kind turned into this pair
 
     @property
     def down_key(self) -> str:
