@@ -10,9 +10,10 @@ run in interleaved rounds (ext, torch, floor, ext, …) so the machine's drift r
 
 Cases: `real` = LoRA A of the shared real SD1.5 pair (264 modules, dim 8) -> rank 4;
 `sdxl` = a synthetic SDXL LoRA with all 986 modules of kohya's manifest (dim 32, fp16) -> rank 8;
-`sdxl-dynamic` = the same -> sv_fro 0.9, at most rank 16. All --save_precision fp16, CPU.
+`sdxl-dynamic` = the same -> sv_fro 0.9, at most rank 16; `flux` = a synthetic FLUX.1 LoRA with the 304
+U-Net modules of kohya's lora_flux manifest (dim 32, fp16) -> rank 16. All --save_precision fp16, CPU.
 
-    python bench/bench_resize.py [--cases real sdxl sdxl-dynamic] [--repeat 3] \
+    python bench/bench_resize.py [--cases real sdxl sdxl-dynamic flux] [--repeat 3] \
         [--sd-scripts DIR --stock-python PY [--stock-cases real ...]] [--write]
 
 --write replaces the "resize" section of bench/README.md with the table.
@@ -35,28 +36,32 @@ SDXL_DIM = 32
 class Case:
     key: str
     label: str
-    synthetic: bool  # the SDXL LoRA synthesised from kohya's manifest; else the real SD1.5 A
+    variant: str | None  # the manifest a LoRA is synthesised from (dim 32); None: the real SD1.5 A
     args: tuple[str, ...]
     recorded_stock: str  # stock's figure from an earlier run on this machine (shown when it is not rerun)
+    prefix: str = ""  # only the manifest's modules whose names start with this
 
 
 CASES = {
-    "real": Case("real", "real SD1.5 LoRA (264 modules), dim 8 → 4", False, ("--new_rank", "4"),
+    "real": Case("real", "real SD1.5 LoRA (264 modules), dim 8 → 4", None, ("--new_rank", "4"),
                  "125 s (2026-11-26, quiet)"),
-    "sdxl": Case("sdxl", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → 8", True, ("--new_rank", "8"),
+    "sdxl": Case("sdxl", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → 8", "sdxl", ("--new_rank", "8"),
                  "17:53, 7.98 GB peak (2026-11-26, load ≈ 8)"),
     "sdxl-dynamic": Case(
-        "sdxl-dynamic", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → sv_fro 0.9, max 16", True,
+        "sdxl-dynamic", f"synthetic SDXL (986 modules), dim {SDXL_DIM} → sv_fro 0.9, max 16", "sdxl",
         ("--new_rank", "16", "--dynamic_method", "sv_fro", "--dynamic_param", "0.9"),
         "18:47, 7.45 GB peak (2026-11-26, load ≈ 8)",
     ),
+    "flux": Case("flux", f"synthetic FLUX.1 (304 modules), dim {SDXL_DIM} → 16", "flux1", ("--new_rank", "16"),
+                 "not run here; 20–25 min on a 16 GB GPU (kohya_ss #2804, sd-scripts #1567)", "lora_unet"),
 }
 
 
 def case_input(case: Case, workdir: Path) -> str:
-    if not case.synthetic:
+    if case.variant is None:
         return str(REAL_PAIR / "A.safetensors")
-    _, a = manifest_pair("sdxl", workdir / "sdxl", dim=SDXL_DIM)  # deterministic: the same file every run
+    # deterministic: the same file every run
+    _, a = manifest_pair(case.variant, workdir / case.variant, dim=SDXL_DIM, prefix=case.prefix)
     return str(a)
 
 

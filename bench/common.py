@@ -100,28 +100,35 @@ def machine() -> str:
 
 
 def manifest_modules(variant: str) -> list[dict]:
-    """The modules of kohya's `variant` manifest (sd15, sdxl, sd15_conv, sdxl_conv), in kohya's order."""
+    """The modules of kohya's `variant` manifest (sd15, sdxl, sd15_conv, sdxl_conv, flux1, ...), in kohya's order."""
     path = next((d / f"{variant}.json" for d in MANIFEST_DIRS if (d / f"{variant}.json").is_file()), None)
     if path is None:
         raise SystemExit(f"no manifest {variant}.json in {' or '.join(map(str, MANIFEST_DIRS))}")
     return json.loads(path.read_text())["modules"]
 
 
-def manifest_pair(variant: str, folder: Path, dim: int = 8) -> tuple[Path, Path]:
-    """B.safetensors and A.safetensors with every module of kohya's `variant` manifest (random fp16)."""
+# What a kohya training run of the family writes beside training_metadata's SD1.5 keys.
+FAMILY_METADATA = {
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0"},
+    "flux1": {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",
+              "modelspec.architecture": "flux-1-dev/lora", "modelspec.implementation": "https://github.com/black-forest-labs/flux"},
+}
+
+
+def manifest_pair(variant: str, folder: Path, dim: int = 8, prefix: str = "") -> tuple[Path, Path]:
+    """B.safetensors and A.safetensors with every module of kohya's `variant` manifest whose name
+    starts with `prefix` (random fp16), with the family's metadata."""
     from copylora.formats.lora_file import write_lora
     from copylora.formats.synthetic import ModuleShape, random_lora, training_metadata
 
     layout = [
         ModuleShape(m["name"], m["up"][0], m["down"][1], tuple(m["down"][2:]) if len(m["down"]) == 4 else None)
-        for m in manifest_modules(variant)
+        for m in manifest_modules(variant) if m["name"].startswith(prefix)
     ]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, title in enumerate(("B", "A")):
-        metadata = training_metadata(title, dim, 1.0)
-        if variant.startswith("sdxl"):
-            metadata["ss_base_model_version"] = "sdxl_base_v1-0"
+        metadata = {**training_metadata(title, dim, 1.0), **FAMILY_METADATA.get(variant.removesuffix("_conv"), {})}
         path = folder / f"{title}.safetensors"
         write_lora(path, random_lora(layout, dim, 1.0, seed), metadata)
         paths.append(path)
@@ -166,14 +173,15 @@ def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
     ]
     if case.stock_command is not None:
         rows.append((f"stock {case.stock_script} (1 run)", timed(case.stock_command, cwd=case.stock_cwd), "–"))
+    data_mb = (sum(Path(p).stat().st_size for p in case.inputs) + case.output.stat().st_size) / 2**20
     lines = [
         f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} "
-        f"| {run.peak_rss_mb:.0f} |"
+        f"| {run.peak_rss_mb:.0f} | {data_mb:.0f} |"
         for label, run, core in rows
     ]
     if case.stock_command is None:
         lines.append(f"| {case.label} | stock {case.stock_script} (recorded, not rerun) | {case.recorded_stock} "
-                     "| – | – | – |")
+                     "| – | – | – | – |")
     return lines
 
 
@@ -199,10 +207,12 @@ def run_whole_process(
     args = parser.parse_args()
     lines = [
         f"{intro}, best of {args.repeat} fresh processes run in interleaved rounds (copylora, floor, copylora, …). "
-        f"Machine: {machine()}. Measured {datetime.date.today()}.",
+        f"Machine: {machine()}. Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) before the first case. "
+        "inputs + output = the files' bytes (the memory rule: peak RSS within them + 400 MB).",
         "",
-        "| case | command | wall s | × floor | engine s | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| case | command | wall s | × floor | engine s | peak RSS MB | inputs + output MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.cases:
