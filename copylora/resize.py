@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rank for conv modules (every 4-D module, 1x1 included) (default: same as --new_rank)")
     parser.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt, .pt or .pth (required)")
     parser.add_argument("--model", type=str, default=None,
-                        help="LoRA to resize: .safetensors, .ckpt, .pt, .pth (kohya, PEFT or ControlLoRA names) (required)")
+                        help="LoRA to resize: .safetensors, .ckpt, .pt, .pth (kohya, PEFT or ControlLoRA names; a LoHa or "
+                        "LoKr comes out a plain LoRA) (required)")
     parser.add_argument("--device", type=str, default=None, help="where to compute: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--verbose", action="store_true",
                         help="print each module's retained sum and Frobenius norm of its singular values")
