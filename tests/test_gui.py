@@ -343,3 +343,28 @@ def test_a_run_ends_with_the_gui(tmp_path, monkeypatch):
     subprocess.run([sys.executable, "-c", gui_process], timeout=120, check=True)
     pids = [int(p.name) for p in kohya.pids.iterdir()]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)  # A finished; B's kohya ended with the GUI
+
+
+def test_progress_is_read_from_the_runs_output():
+    from copylora.webui.copy_machine_run import Progress
+
+    progress = Progress()
+    progress.feed("python -m copylora.copy_machine: LoRA A: reusing /w/A.safetensors: images and config unchanged")
+    assert progress.step == "step_reuse_a" and progress.counter is None
+    progress.feed("copylora copy-machine: LoRA B: training with kohya's train_network.py (config /w/B.toml)")
+    progress.feed("epoch 1/800")  # kohya's epoch line is not the step counter
+    assert progress.step == "step_train_b" and progress.counter is None
+    for done in (1479, 1480):  # kohya's bar, redrawn in place: one line in the log
+        progress.feed(f"steps:  37%|███▋      | {done}/4000 [12:34<21:23,  1.96it/s, avr_loss=0.0812]")
+    assert progress.counter == (1480, 4000) and progress.remaining == "21:23"
+    assert sum("/4000 [" in line for line in progress.lines) == 1
+    progress.feed("copylora copy-machine: merging B - A into /out/edit.safetensors")
+    progress.feed("merging: 100%|██████████| 2/2 [00:00<00:00, 66052.03module/s]")  # the merge's bar: not kohya's
+    assert progress.step == "step_merge" and progress.counter is None
+    progress.feed("merged 2 modules (rank 16: 2) with backend ext (C++ CPU) in 0.03 s (engine 0.008 s) -> /out/e."
+                  "safetensors; fidelity vs exact delta: retained 100.00% of energy, clamp loss 0.00%")
+    progress.feed("copylora copy-machine: report: /out/edit.report.md")
+    assert progress.fidelity == "fidelity vs exact delta: retained 100.00% of energy, clamp loss 0.00%"
+    assert progress.report == Path("/out/edit.report.md") and progress.errors == []
+    progress.feed("copylora copy-machine: error: LoRA B: kohya's train_network.py exited with code 7")
+    assert progress.errors == ["copylora copy-machine: error: LoRA B: kohya's train_network.py exited with code 7"]
