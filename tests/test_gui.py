@@ -368,3 +368,10 @@ def test_progress_is_read_from_the_runs_output():
     assert progress.report == Path("/out/edit.report.md") and progress.errors == []
     progress.feed("copylora copy-machine: error: LoRA B: kohya's train_network.py exited with code 7")
     assert progress.errors == ["copylora copy-machine: error: LoRA B: kohya's train_network.py exited with code 7"]
+
+
+def test_an_unclosed_quote_is_one_line():
+    from copylora.webui.cli_calls import words
+
+    with pytest.raises(CopyloraError, match="'--seeds \"1': No closing quotation"):
+        words('--seeds "1')

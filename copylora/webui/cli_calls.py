@@ -61,7 +61,10 @@ def shows_errors(prog: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def words(text: str | None) -> list[str]:
     """A field of several values ("1 -1", "0 0.5 1") as the command line would split it."""
-    return shlex.split(text or "")
+    try:
+        return shlex.split(text or "")
+    except ValueError as exc:  # an unclosed quote
+        raise CopyloraError(f"{text!r}: {exc}") from None
 
 
 def paths(files: list[str] | str | None) -> list[str]:

@@ -68,14 +68,16 @@ class CopyMachineTab:
         if not settings.sd_scripts:
             raise CopyloraError(self.page.texts("needs_sd_scripts"))
         out = in_output_folder(output, self.page.output_dir) if output else None
+        clamp = 1.0 if clamp_quantile is None else clamp_quantile  # an emptied field: the exact difference
         return [
             "--sd-scripts", settings.sd_scripts, *optional("--python", settings.python),
             *(["--base", base] if base else []), *(["--before", before] if before else []),
             *(["--after", after] if after else []), *(["--output", str(out)] if out else []),
             "--method", method, *(["--sdxl"] if sdxl else []), *optional("--preset", preset), *sets,
-            "--new_rank", str(int(new_rank)), "--clamp_quantile", f"{1.0 if clamp_quantile is None else clamp_quantile:g}",
+            "--new_rank", str(int(new_rank)), "--clamp_quantile", f"{clamp:g}",
             *optional("--dynamic_method", dynamic_method), *optional("--dynamic_param", dynamic_param),
-            *(["--preview"] if preview else []), *(["--preview-args", preview_args] if preview and preview_args else []),
+            *(["--preview"] if preview else []),
+            *(["--preview-args", preview_args] if preview and preview_args else []),
         ]
 
     def results(self, args: argparse.Namespace, progress: Progress) -> tuple[str | None, str, str, str | None]:

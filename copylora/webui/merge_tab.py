@@ -52,10 +52,11 @@ def build(page: Page) -> None:
     ) -> tuple[str, str, str, str | None, str | None]:
         """`copylora merge --models … --ratios … --report`; then the per-block table and the spectra."""
         output = in_output_folder(save_to, page.output_dir) if save_to else None
+        clamp = 1.0 if clamp_quantile is None else clamp_quantile  # an emptied field: the page's default
         argv = [
             "--models", *paths(models), "--ratios", *words(ratios), "--new_rank", str(int(new_rank)),
             *optional("--new_conv_rank", new_conv_rank), "--precision", precision or "float",
-            *optional("--save_precision", save_precision), "--clamp_quantile", f"{clamp_quantile:g}",
+            *optional("--save_precision", save_precision), "--clamp_quantile", f"{clamp:g}",
             *optional("--dynamic_method", dynamic_method), *optional("--dynamic_param", dynamic_param),
             *optional("--device", device), *(["--save_to", str(output)] if output else []), "--report", "--quiet",
         ]
@@ -90,7 +91,8 @@ def build(page: Page) -> None:
                                    info=t("clamp_info"), elem_id="merge-clamp")
     with gr.Row():
         precision = gr.Dropdown(label=t("precision"), choices=list(PRECISIONS), value="float")
-        save_precision = gr.Dropdown(label=t("save_precision"), choices=precision_choices(t("same_as_precision")), value="fp16")
+        save_precision = gr.Dropdown(label=t("save_precision"), choices=precision_choices(t("same_as_precision")),
+                                     value="fp16")
         dynamic_method = gr.Dropdown(label=t("dynamic_method"), choices=dynamic_choices(), value="",
                                      info=t("dynamic_method_info"))
         dynamic_param = gr.Number(label=t("dynamic_param"), value=0)
