@@ -175,6 +175,10 @@ def test_resize_and_inspect_through_the_api(served):
     )
     small = output_dir / "api_small.safetensors"
     assert str(small) in summary and retention.count(": rank 4, alpha") == len(LAYOUT)
+    client.predict(model=handle_file(str(b)), new_rank=8, dynamic_method="sv_fro", dynamic_param=0.9,
+                   uniform_alpha=True, save_to="api_uniform.safetensors", api_name="/resize")
+    alphas = {float(v) for k, v in load_file(str(output_dir / "api_uniform.safetensors")).items() if k.endswith(".alpha")}
+    assert len(alphas) == 1  # --uniform_alpha: one alpha for every module
     assert Path(download).read_bytes() == small.read_bytes()
 
     table, totals, spectrum = client.predict(lora=handle_file(str(small)), against=[handle_file(str(b))],

@@ -62,6 +62,11 @@ TEXTS: dict[str, tuple[str, str]] = {
     "merge_button": ("Merge", "マージ"),
     # resize tab
     "model": ("LoRA file (model)", "LoRAファイル (model)"),
+    "uniform_alpha": ("One alpha for all modules (uniform_alpha)", "全モジュールで同じ alpha (uniform_alpha)"),
+    "uniform_alpha_info": (
+        "each module's factor folded into lora_up: the same deltas, and dynamic-rank files load right in diffusers",
+        "各モジュールの係数を lora_up に含めます。差分は同じで、ダイナミックランクのファイルも diffusers で正しく読めます",
+    ),
     "resize_button": ("Resize", "リサイズ"),
     # inspect tab
     "lora": ("LoRA to inspect (lora)", "検査するLoRA (lora)"),

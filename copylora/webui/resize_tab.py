@@ -17,13 +17,15 @@ def build(page: Page) -> None:
 
     @shows_errors(resize_cli.PROG)
     def resize(model: str | None, new_rank: int, new_conv_rank: int | None, save_precision: str,
-               dynamic_method: str, dynamic_param: float | None, device: str, save_to: str) -> tuple[str, str, str | None]:
+               dynamic_method: str, dynamic_param: float | None, uniform_alpha: bool, device: str,
+               save_to: str) -> tuple[str, str, str | None]:
         """`copylora resize --model … --verbose`: the summary line and the per-module retention lines."""
         output = in_output_folder(save_to, page.output_dir) if save_to else None
         argv = [*(["--model", *paths(model)] if model else []), "--new_rank", str(int(new_rank)),
                 *optional("--new_conv_rank", new_conv_rank), *optional("--save_precision", save_precision),
                 *optional("--dynamic_method", dynamic_method), *optional("--dynamic_param", dynamic_param),
-                *optional("--device", device), *(["--save_to", str(output)] if output else []), "--quiet"]
+                *(["--uniform_alpha"] if uniform_alpha else []), *optional("--device", device),
+                *(["--save_to", str(output)] if output else []), "--quiet"]
         args = parse(resize_cli.build_parser(), argv)
         configure_logging(args.quiet)
         summary = resize_file(resize_cli.request_from_args(args))
@@ -42,10 +44,11 @@ def build(page: Page) -> None:
         dynamic_method = gr.Dropdown(label=t("dynamic_method"), choices=dynamic_choices(), value="",
                                      info=t("dynamic_method_info"))
         dynamic_param = gr.Number(label=t("dynamic_param"), value=0)
+        uniform_alpha = gr.Checkbox(label=t("uniform_alpha"), value=False, info=t("uniform_alpha_info"))
         device = gr.Dropdown(label=t("device"), choices=["cpu", "cuda"], value="cpu")
     button = gr.Button(t("resize_button"), variant="primary", elem_id="resize-run")
     summary = gr.Textbox(label=t("summary"), elem_id="resize-summary")
     retention = gr.Code(label=t("block_table"), language=None, elem_id="resize-retention")
     download = gr.File(label=t("download"), elem_id="resize-download")
-    button.click(resize, [model, new_rank, new_conv_rank, save_precision, dynamic_method, dynamic_param, device,
-                          save_to], [summary, retention, download], api_name="resize")
+    button.click(resize, [model, new_rank, new_conv_rank, save_precision, dynamic_method, dynamic_param,
+                          uniform_alpha, device, save_to], [summary, retention, download], api_name="resize")
