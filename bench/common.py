@@ -42,6 +42,7 @@ class Run:
     seconds: float
     peak_rss_mb: float
     stdout: str
+    cpu_seconds: float = 0.0  # user + system, every thread: steadier than wall time on a busy machine
 
 
 def timed(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
@@ -53,7 +54,7 @@ def timed(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = 
     seconds = (datetime.datetime.now() - start).total_seconds()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
-    return Run(seconds, usage.ru_maxrss / 1024, stdout)
+    return Run(seconds, usage.ru_maxrss / 1024, stdout, usage.ru_utime + usage.ru_stime)
 
 
 def best(runs: list[Run]) -> Run:
@@ -175,13 +176,13 @@ def comparison_rows(case: Comparison, repeat: int, workdir: Path) -> list[str]:
         rows.append((f"stock {case.stock_script} (1 run)", timed(case.stock_command, cwd=case.stock_cwd), "–"))
     data_mb = (sum(Path(p).stat().st_size for p in case.inputs) + case.output.stat().st_size) / 2**20
     lines = [
-        f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {core} "
-        f"| {run.peak_rss_mb:.0f} | {data_mb:.0f} |"
+        f"| {case.label} | {label} | {run.seconds:.2f} | {run.seconds / floor.seconds:.2f} | {run.cpu_seconds:.2f} "
+        f"| {run.cpu_seconds / floor.cpu_seconds:.2f} | {core} | {run.peak_rss_mb:.0f} | {data_mb:.0f} |"
         for label, run, core in rows
     ]
     if case.stock_command is None:
         lines.append(f"| {case.label} | stock {case.stock_script} (recorded, not rerun) | {case.recorded_stock} "
-                     "| – | – | – | – |")
+                     "| – | – | – | – | – | – |")
     return lines
 
 
@@ -209,10 +210,12 @@ def run_whole_process(
         f"{intro}, best of {args.repeat} fresh processes run in interleaved rounds (copylora, floor, copylora, …). "
         f"Machine: {machine()}. Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) before the first case. "
-        "inputs + output = the files' bytes (the memory rule: peak RSS within them + 400 MB).",
+        "CPU s = user + system seconds of the process, all threads (the best run's; the ratio against the "
+        "floor's, which runs on one thread, counts the engine's second thread in full). inputs + output = "
+        "the files' bytes (the memory rule: peak RSS within them + 400 MB).",
         "",
-        "| case | command | wall s | × floor | engine s | peak RSS MB | inputs + output MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | command | wall s | × floor | CPU s | CPU × floor | engine s | peak RSS MB | inputs + output MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.cases:

@@ -335,14 +335,16 @@ def test_module_job_needs_one_scale_per_input():
 
 # Tall cancelling modules like SD1.5's ff proj (10240 x 1280): MKL's QR of their P rounded
 # differently on 1 and 2 threads before the kernel pinned its LAPACK calls to one MKL thread.
+# Inputs of rank 8 (R = 16: Cholesky-QR) and 32 (R = 64: the Gram route).
 THREAD_COUNT_RUN = """
 import sys, torch
 from copylora.engine import merge_jobs
 from copylora.engine.jobs import ModuleJob, SvdOptions
 gen = torch.Generator().manual_seed(0)
 jobs = []
+rank = int(sys.argv[2])
 for b in range(6):
-    up, down = torch.randn(10240, 8, generator=gen) * 0.02, torch.randn(8, 1280, generator=gen) / 36
+    up, down = torch.randn(10240, rank, generator=gen) * 0.02, torch.randn(rank, 1280, generator=gen) / 36
     near_up = up + 1e-3 * torch.randn(up.shape, generator=gen)
     near_down = down + 1e-3 * torch.randn(down.shape, generator=gen)
     jobs.append(ModuleJob(f"m{b}", [near_up, up], [near_down, down], [1.0, -1.0], 16))
@@ -353,13 +355,14 @@ torch.save({name: (m.up, m.down, m.singular_values) for name, m in merged.items(
 
 @requires_ext
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to compare thread counts")
-def test_ext_result_does_not_depend_on_the_thread_count(tmp_path):
+@pytest.mark.parametrize("rank", [8, 32])
+def test_ext_result_does_not_depend_on_the_thread_count(tmp_path, rank):
     """README's guarantee: the ext backend on the CPU gives bit-identical results at any OMP_NUM_THREADS."""
     results = []
     for threads in (1, 2):
         path = tmp_path / f"threads{threads}.pt"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        subprocess.run([sys.executable, "-c", THREAD_COUNT_RUN, str(path)], env=env, check=True, timeout=300)
+        subprocess.run([sys.executable, "-c", THREAD_COUNT_RUN, str(path), str(rank)], env=env, check=True, timeout=300)
         results.append(torch.load(path))
     one, two = results
     assert one.keys() == two.keys()
