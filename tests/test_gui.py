@@ -194,10 +194,11 @@ def test_preview_through_the_api_runs_kohyas_gen_img(served):
     b, _ = lora_pair(root / "inputs")
     grid, summary = Client(url, verbose=False).predict(
         base=str(kohya.base), loras=[handle_file(str(b))], strengths="0 1", seeds="7", width=16, height=24,
-        api_name="/preview",
+        prompt="a cat\n\na dog --n blurry\n", api_name="/preview",
     )
     runs = [run for run in read_log(kohya.log) if run["script"] == "gen_img.py"]
-    assert [(cell["am"], cell["seed"]) for cell in runs[-1]["cells"]] == [(0.0, 7), (1.0, 7)]
+    assert [(cell["prompt"], cell["am"], cell["seed"]) for cell in runs[-1]["cells"]] == [
+        ("a cat", 0.0, 7), ("a cat", 1.0, 7), ("a dog", 0.0, 7), ("a dog", 1.0, 7)]  # a prompt per line
     assert Path(grid).is_file() and str(output_dir / "B_preview") in summary
 
 

@@ -29,7 +29,7 @@ def build(page: Page) -> None:
             "--sd-scripts", settings.sd_scripts, *optional("--python", settings.python),
             *(["--base", base] if base else []), *(["--lora" if len(files) == 1 else "--loras", *files] if files else []),
             "--out", str(out), *(["--strengths", *words(strengths)] if words(strengths) else []),
-            *(["--seeds", *words(seeds)] if words(seeds) else []), *(["--prompt", prompt] if prompt else []),
+            *(["--seeds", *words(seeds)] if words(seeds) else []), *[part for line in (prompt or "").splitlines() if line.strip() for part in ("--prompt", line.strip())],
             *optional("--width", width), *optional("--height", height), "--steps", str(int(steps)),
             *(["--sdxl"] if sdxl else []),
         ]
@@ -48,7 +48,8 @@ def build(page: Page) -> None:
     with gr.Row():
         strengths = gr.Textbox(label=t("strengths"), value="0 0.5 1", elem_id="preview-strengths")
         seeds = gr.Textbox(label=t("seeds"), value="1 2 3", elem_id="preview-seeds")
-        prompt = gr.Textbox(label=t("prompt"), value="", elem_id="preview-prompt", scale=2)
+        prompt = gr.Textbox(label=t("prompt"), value="", lines=2, info=t("prompt_info"), elem_id="preview-prompt",
+                            scale=2)
     with gr.Row():
         width = gr.Number(label=t("width"), value=0, precision=0, minimum=0, elem_id="preview-width")
         height = gr.Number(label=t("height"), value=0, precision=0, minimum=0, elem_id="preview-height")
