@@ -20,7 +20,7 @@ import tempfile
 from importlib.machinery import EXTENSION_SUFFIXES
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, get_cxx_compiler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -255,9 +255,10 @@ setup(
     license="Apache-2.0",
     # the sd-scripts shim and the training presets ship inside the package, from their one
     # source each in sd_scripts_patch/ and configs/
+    # every subpackage of copylora/, found (a new folder cannot be left out of a non-editable install)
     packages=[
         "copylora",
-        *(f"copylora.{part}" for part in ("engine", "formats", "kohya", "pipelines", "reports", "runtime", "webui")),
+        *(f"copylora.{package}" for package in find_packages("copylora")),
         "copylora.sd_scripts_patch",
         "copylora.configs",
     ],
