@@ -49,6 +49,7 @@ TEXTS: dict[str, tuple[str, str]] = {
     "summary": ("Summary", "結果"),
     "fidelity": ("Fidelity against the exact weighted sum", "正確な重み付き和との比較"),
     "block_table": ("Per block", "ブロックごと"),
+    "per_module": ("Per module", "モジュールごと"),
     "spectrum": ("Singular-value spectra", "特異値スペクトル"),
     "download": ("Download", "ダウンロード"),
     # merge tab

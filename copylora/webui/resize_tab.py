@@ -48,7 +48,7 @@ def build(page: Page) -> None:
         device = gr.Dropdown(label=t("device"), choices=["cpu", "cuda"], value="cpu")
     button = gr.Button(t("resize_button"), variant="primary", elem_id="resize-run")
     summary = gr.Textbox(label=t("summary"), elem_id="resize-summary")
-    retention = gr.Code(label=t("block_table"), language=None, elem_id="resize-retention")
+    retention = gr.Code(label=t("per_module"), language=None, elem_id="resize-retention")
     download = gr.File(label=t("download"), elem_id="resize-download")
     button.click(resize, [model, new_rank, new_conv_rank, save_precision, dynamic_method, dynamic_param,
                           uniform_alpha, device, save_to], [summary, retention, download], api_name="resize")
