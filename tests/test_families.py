@@ -168,6 +168,8 @@ def test_peft_inputs_merge_and_keep_their_names(tmp_path):
                  "--new_rank", "8", "--clamp_quantile", "1", "--save_to", str(out)) == 0
     saved = load_file(str(out))
     assert set(saved) == {f"{n}.{k}" for n in names for k in ("lora_A.weight", "lora_B.weight", "alpha")}
+    metadata = metadata_of(out)  # FLUX.1 by its diffusers names: not labelled SD1.5, nothing it does not know
+    assert metadata["ss_network_module"] == "networks.lora_flux" and "modelspec.architecture" not in metadata
     for name in names:
         expected = sum(sign * f[f"{name}.lora_B.weight"].float() @ f[f"{name}.lora_A.weight"].float()
                        for sign, f in ((1, files[1]), (-1, files[0])))

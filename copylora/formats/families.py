@@ -42,9 +42,11 @@ FAMILIES = (
     Family("SDXL", "networks.lora", ("stable-diffusion-xl",), ("sdxl",),
            re.compile(r"^lora_unet_(input_blocks|output_blocks|middle_block)_"), stock=True),
     Family("SD3", "networks.lora_sd3", ("stable-diffusion-3",), ("sd3",), re.compile(r"^lora_unet_joint_blocks_")),
-    # FLUX.1 and HunyuanImage share their block names; their modulation and MLP layers differ
+    # FLUX.1 and HunyuanImage share their block names; their modulation and MLP layers differ. PEFT
+    # files (ai-toolkit, diffusers) name FLUX.1's single blocks as diffusers' FluxTransformer2DModel does.
     Family("FLUX.1", "networks.lora_flux", ("flux-1", "chroma"), ("flux1", "chroma"),
-           re.compile(r"^lora_unet_(double|single)_blocks_\d+_((img|txt)_mod_lin|(img|txt)_mlp_[02]|modulation_lin)$")),
+           re.compile(r"^(lora_unet_(double|single)_blocks_\d+_((img|txt)_mod_lin|(img|txt)_mlp_[02]|modulation_lin)$"
+                      r"|(transformer\.)?single_transformer_blocks\.\d+\.)")),
     Family("HunyuanImage", "networks.lora_hunyuan_image", ("hunyuan-image",), ("hunyuan-image",),
            re.compile(r"^lora_unet_(double|single)_blocks_\d+_((img|txt)_mod_linear|(img|txt)_mlp_fc[12]|modulation_linear)$")),
     Family("Lumina", "networks.lora_lumina", ("lumina",), ("lumina",),
