@@ -380,3 +380,31 @@ def test_an_unclosed_quote_is_one_line():
 
     with pytest.raises(CopyloraError, match="'--seeds \"1': No closing quotation"):
         words('--seeds "1')
+
+
+def test_the_commands_other_options_reach_them_through_the_api(served):
+    """--split_sv, --backend (merge, resize, inspect) and inspect's --clamp_quantile, named as the flags."""
+    from gradio_client import Client, handle_file
+
+    url, output_dir, root, _ = served
+    b, a = lora_pair(root / "inputs")
+    client = Client(url, verbose=False)
+    summary, *_ = client.predict(
+        models=[handle_file(str(b)), handle_file(str(a))], ratios="1 -1", new_rank=16, save_precision="fp16",
+        clamp_quantile=1.0, save_to="api_split.safetensors", split_sv=True, backend="torch", api_name="/merge",
+    )
+    assert "with backend torch" in summary
+    cli_out = root / "cli_split.safetensors"
+    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
+                       "fp16", "--clamp_quantile", "1", "--split_sv", "--backend", "torch", "--save_to", str(cli_out),
+                       "--quiet"]) == 0
+    ours, theirs = load_file(str(output_dir / "api_split.safetensors")), load_file(str(cli_out))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+    summary, _, _ = client.predict(model=handle_file(str(b)), new_rank=4, save_to="api_torch.safetensors",
+                                   backend="torch", api_name="/resize")
+    assert "with backend torch" in summary
+    _, totals, _ = client.predict(lora=handle_file(str(output_dir / "api_split.safetensors")),
+                                  against=[handle_file(str(b)), handle_file(str(a))], ratios="1 -1",
+                                  clamp_quantile=1.0, backend="torch", api_name="/inspect")
+    assert totals.startswith("fidelity vs exact delta: retained ") and "clamp loss 0.00%" in totals

@@ -46,6 +46,22 @@ TEXTS: dict[str, tuple[str, str]] = {
     ),
     "dynamic_param": ("Target (dynamic_param)", "目標値 (dynamic_param)"),
     "device": ("Device (device)", "デバイス (device)"),
+    "backend": ("Engine (backend)", "エンジン (backend)"),
+    "backend_info": (
+        "auto = the C++/CUDA extension when it is built, else pure torch",
+        "auto = C++/CUDA 拡張がビルドされていればそれ、なければ pure torch",
+    ),
+    "lbws": ("Block weights (lbws)", "ブロック別の重み (lbws)"),
+    "lbws_info": (
+        "one JSON list per file, separated by spaces, e.g. [1,1,0,...]; empty = none",
+        "ファイルごとに JSON のリストを1つ、空白区切り（例 [1,1,0,...]）。空欄 = なし",
+    ),
+    "split_sv": ("sqrt(S) on both up and down (split_sv)", "sqrt(S) を up と down の両方に (split_sv)"),
+    "per_module_alpha": ("alpha = rank per module (per_module_alpha)", "モジュールごとに alpha = ランク (per_module_alpha)"),
+    "inspect_clamp_info": (
+        "0 = read off the file",
+        "0 = ファイルから読み取る",
+    ),
     "summary": ("Summary", "結果"),
     "fidelity": ("Fidelity against the exact weighted sum", "正確な重み付き和との比較"),
     "block_table": ("Per block", "ブロックごと"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from copylora import merge as merge_cli
+from copylora.engine import BACKEND_CHOICES
 from copylora.pipelines.dynamic_rank import DYNAMIC_METHODS
 from copylora.pipelines.svd_merge import PRECISIONS
 from copylora.webui.cli_calls import in_output_folder, optional, parse, paths, shows_errors, words
@@ -49,6 +50,10 @@ def build(page: Page) -> None:
         dynamic_param: float | None,
         device: str,
         save_to: str,
+        lbws: str = "",
+        split_sv: bool = False,
+        per_module_alpha: bool = False,
+        backend: str = "auto",
     ) -> tuple[str, str, str, str | None, str | None]:
         """`copylora merge --models … --ratios … --report`; then the per-block table and the spectra."""
         output = in_output_folder(save_to, page.output_dir) if save_to else None
@@ -59,11 +64,13 @@ def build(page: Page) -> None:
             *optional("--save_precision", save_precision), "--clamp_quantile", f"{clamp:g}",
             *optional("--dynamic_method", dynamic_method), *optional("--dynamic_param", dynamic_param),
             *optional("--device", device), *(["--save_to", str(output)] if output else []), "--report", "--quiet",
+            *(["--lbws", *words(lbws)] if words(lbws) else []), *(["--split_sv"] if split_sv else []),
+            *(["--per_module_alpha"] if per_module_alpha else []), "--backend", backend or "auto",
         ]
         args = parse(merge_cli.build_parser(), argv)
         summary = merge_cli.merge(args)
         table, totals, plot = measure(summary.output, args.models, args.ratios, args.clamp_quantile,
-                                      summary.output.with_suffix(".spectrum.png"))
+                                      summary.output.with_suffix(".spectrum.png"), args.lbws, args.backend)
         download = page.servable(summary.output)
         return summary.line(), totals, table, str(plot), str(download) if download else None
 
@@ -97,6 +104,11 @@ def build(page: Page) -> None:
                                      info=t("dynamic_method_info"))
         dynamic_param = gr.Number(label=t("dynamic_param"), value=0)
         device = gr.Dropdown(label=t("device"), choices=["cpu", "cuda"], value="cpu")
+    with gr.Row():
+        lbws = gr.Textbox(label=t("lbws"), value="", info=t("lbws_info"), scale=2)
+        split_sv = gr.Checkbox(label=t("split_sv"), value=False)
+        per_module_alpha = gr.Checkbox(label=t("per_module_alpha"), value=False)
+        backend = gr.Dropdown(label=t("backend"), choices=list(BACKEND_CHOICES), value="auto", info=t("backend_info"))
     button = gr.Button(t("merge_button"), variant="primary", elem_id="merge-run")
     summary = gr.Textbox(label=t("summary"), elem_id="merge-summary")
     totals = gr.Textbox(label=t("fidelity"), elem_id="merge-fidelity")
@@ -106,7 +118,7 @@ def build(page: Page) -> None:
     button.click(
         merge,
         [models, ratios, new_rank, new_conv_rank, precision, save_precision, clamp_quantile, dynamic_method,
-         dynamic_param, device, save_to],
+         dynamic_param, device, save_to, lbws, split_sv, per_module_alpha, backend],
         [summary, totals, table, spectrum, download],
         api_name="merge",
     )
