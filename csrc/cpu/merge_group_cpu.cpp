@@ -403,9 +403,15 @@ Decomposition decompose(const GroupShape& g, const at::Tensor& p, const at::Tens
 // Modules per batched LAPACK call: enough to amortise ATen's per-call cost, few enough that a
 // batch's temporaries (P, Q, their QR factors, U, Vh: a few MB) stay in cache and are reused heap
 // memory. One big batch per group was slower: every temporary was a fresh mapping of tens of MB
-// whose page faults cost more than the LAPACK work.
+// whose page faults cost more than the LAPACK work. The Gram route's float64 copies of P and Q count
+// (three floats per value), and its modules, R >= 64 wide, are big enough to go one at a time: each
+// thread keeps its largest batch's temporaries in the heap, and at two modules per batch an SD1.5
+// 128 + 128 merge's held 160 MB (SD1.5's 10240 x 1280 modules: 80 MB a batch, two threads).
 int64_t batch_modules(const GroupShape& g) {
   constexpr int64_t kBatchFloats = int64_t{1} << 19;
+  if (!g.dense && gram_pays(g)) {
+    return std::clamp<int64_t>(kBatchFloats / (3 * g.total_rank * (g.out + g.in)), 1, 128);
+  }
   const int64_t per_module = g.dense ? g.out * g.in + g.total_rank * (g.out + g.in)
                                      : g.total_rank * (g.out + g.in);
   return std::clamp<int64_t>(kBatchFloats / std::max<int64_t>(per_module, 1), 2, 128);
