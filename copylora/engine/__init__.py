@@ -113,6 +113,8 @@ def _run_group_torch(
     per_module = first.total_rank * (first.out_features + first.in_features)
     if first.total_rank >= min(first.out_features, first.in_features):
         per_module += first.out_features * first.in_features
+    elif device.type == "cpu" and first.total_rank >= reference.GRAM_MIN_RANK:
+        per_module *= 3  # the Gram route's float64 copies of P and Q
     size = max(1, TORCH_BATCH_FLOATS // per_module)
     results = []
     with float32_matmul(device):
