@@ -126,6 +126,17 @@ def served(tmp_path_factory):
             app.close()
 
 
+def assert_same_as_cli_merge(saved: Path, models: list[Path], cli_out: Path, *flags: str) -> None:
+    """`saved` holds, tensor for tensor and dtype for dtype, what `copylora merge` writes for these models
+    with ratios 1 -1, rank 16, fp16, the exact difference and `flags`."""
+    assert merge_main(["--models", *map(str, models), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
+                       "fp16", "--clamp_quantile", "1", *flags, "--save_to", str(cli_out), "--quiet"]) == 0
+    ours, theirs = load_file(str(saved)), load_file(str(cli_out))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
 def test_merge_through_the_api_equals_the_cli(served):
     from gradio_client import Client, handle_file
 
@@ -141,13 +152,7 @@ def test_merge_through_the_api_equals_the_cli(served):
     assert totals.startswith("fidelity vs exact delta: retained ") and "clamp loss 0.00%" in totals
     assert "total" in table and Path(spectrum).is_file() and Path(download).read_bytes() == saved.read_bytes()
 
-    cli_out = root / "cli_diff.safetensors"
-    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
-                       "fp16", "--clamp_quantile", "1", "--save_to", str(cli_out), "--quiet"]) == 0
-    ours, theirs = load_file(str(saved)), load_file(str(cli_out))
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    assert_same_as_cli_merge(saved, [b, a], root / "cli_diff.safetensors")
 
 
 def test_bad_input_through_the_api_is_the_cli_line_and_writes_nothing(served):
@@ -394,12 +399,8 @@ def test_the_commands_other_options_reach_them_through_the_api(served):
         clamp_quantile=1.0, save_to="api_split.safetensors", split_sv=True, backend="torch", api_name="/merge",
     )
     assert "with backend torch" in summary
-    cli_out = root / "cli_split.safetensors"
-    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
-                       "fp16", "--clamp_quantile", "1", "--split_sv", "--backend", "torch", "--save_to", str(cli_out),
-                       "--quiet"]) == 0
-    ours, theirs = load_file(str(output_dir / "api_split.safetensors")), load_file(str(cli_out))
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert_same_as_cli_merge(output_dir / "api_split.safetensors", [b, a], root / "cli_split.safetensors",
+                             "--split_sv", "--backend", "torch")
 
     summary, _, _ = client.predict(model=handle_file(str(b)), new_rank=4, save_to="api_torch.safetensors",
                                    backend="torch", api_name="/resize")

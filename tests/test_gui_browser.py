@@ -17,14 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from copylora.merge import main as merge_main
 from copylora.webui.settings import Settings, save
 from tests.kohya_tool_fakes import add_tools
-from tests.test_gui import free_port, lora_pair
+from tests.test_gui import assert_same_as_cli_merge, free_port, lora_pair
 from tests.test_train_fakes import PYTHON, FakeKohya, read_log
 
 REQUIRE_BROWSER = "COPYLORA_REQUIRE_BROWSER"
@@ -229,13 +226,7 @@ def test_merge_tab_writes_the_clis_file(server, browser, tmp_path):
     browser.screenshot("gui_merge.png")
 
     saved = server.output_dir / "browser_diff.safetensors"
-    cli_out = tmp_path / "cli_diff.safetensors"
-    assert merge_main(["--models", str(b), str(a), "--ratios", "1", "-1", "--new_rank", "16", "--save_precision",
-                       "fp16", "--clamp_quantile", "1", "--save_to", str(cli_out), "--quiet"]) == 0
-    ours, theirs = load_file(str(saved)), load_file(str(cli_out))
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    assert_same_as_cli_merge(saved, [b, a], tmp_path / "cli_diff.safetensors")
 
 
 def test_bad_input_shows_the_one_line_message(server, browser, tmp_path):
