@@ -20,11 +20,9 @@ from copylora import doctor, engine
 from copylora.engine import merge_jobs, ops, reference, resolve_backend
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
 from copylora.formats.lora_file import read_lora
-from tests.backend_compare import assert_backend_matches
+from tests.backend_compare import EXT, assert_backend_matches, requires_ext
 from tests.conftest import GoldenCase, golden_params
 
-EXT = ops.load_status()
-requires_ext = pytest.mark.skipif(not EXT.available, reason=f"copylora._C not built ({EXT.error})")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

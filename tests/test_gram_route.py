@@ -12,10 +12,8 @@ import torch
 
 from copylora.engine import merge_jobs, ops, reference
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
-from tests.backend_compare import assert_backend_matches
+from tests.backend_compare import EXT, assert_backend_matches, requires_ext
 
-EXT = ops.load_status()
-requires_ext = pytest.mark.skipif(not EXT.available, reason=f"copylora._C not built ({EXT.error})")
 
 DENSE, GRAM, CHOLESKY_QR, HOUSEHOLDER = 0, 1, 2, 3  # the op's route codes (csrc/copylora.cpp)
 

@@ -276,6 +276,7 @@ def test_files_are_served_from_the_output_folder_only(served):
 
 
 def test_sdxl_is_read_off_the_base_model(tmp_path):
+    pytest.importorskip("gradio")
     from copylora.webui.copy_machine_tab import detected_sdxl
 
     def checkpoint(name: str, keys: list[str]) -> str:
@@ -295,6 +296,7 @@ def test_sdxl_is_read_off_the_base_model(tmp_path):
 
 
 def test_slider_values_follow_the_ratios_field():
+    pytest.importorskip("gradio")
     from copylora.webui.merge_tab import slider_values
 
     assert slider_values("1 -1", 2) == [1.0, -1.0]
@@ -381,6 +383,7 @@ def test_progress_is_read_from_the_runs_output():
 
 
 def test_an_unclosed_quote_is_one_line():
+    pytest.importorskip("gradio")
     from copylora.webui.cli_calls import words
 
     with pytest.raises(CopyloraError, match="'--seeds \"1': No closing quotation"):

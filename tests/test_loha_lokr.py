@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from copylora.merge import main as merge_main
 from copylora.resize import main as resize_main
+from tests.backend_compare import requires_ext
 
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # IN01, linear 64×48
 PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"  # IN01, SD1 1×1 conv 32×32
@@ -24,7 +25,7 @@ CONV1 = "lora_unet_down_blocks_0_resnets_0_conv1"  # IN01, 3×3 conv 32×16
 FF = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"  # OUT03, linear 40×80
 TE = "lora_te_text_model_encoder_layers_0_mlp_fc1"  # BASE, linear 48×24
 SHAPES = {TO_Q: (64, 48), PROJ_IN: (32, 32, 1, 1), CONV1: (32, 16, 3, 3), FF: (40, 80), TE: (48, 24)}
-BACKENDS = ["ext", "torch"]
+BACKENDS = [pytest.param("ext", marks=requires_ext), "torch"]
 
 
 def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
