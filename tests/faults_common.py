@@ -74,7 +74,7 @@ def digests(paths: list[Path]) -> dict[Path, str]:
 
 
 def temp_files(folder: Path) -> list[Path]:
-    """Files named like copylora's temp files (.NAME.XXXXXXXX.tmp), anywhere below folder."""
+    """Files named like copylora's temp files (.NAME.<random>.tmp), anywhere below folder."""
     return [p for p in folder.rglob(".*.tmp")]
 
 

@@ -256,7 +256,7 @@ SIGNAL_CASES = [("SIGTERM", "fsync"), ("SIGTERM", "replace"), ("SIGHUP", "fsync"
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 @pytest.mark.parametrize(("signame", "moment"), SIGNAL_CASES, ids=[f"{s}-at-{m}" for s, m in SIGNAL_CASES])
 def test_a_signal_during_the_write_leaves_nothing(tmp_path: Path, good: Path, signame: str, moment: str) -> None:
-    """SIGTERM/SIGHUP used to leave .NAME.XXXX.tmp beside the output forever; SIGINT did not."""
+    """SIGTERM/SIGHUP used to leave .NAME.<random>.tmp beside the output forever; SIGINT did not."""
     signum = getattr(signal, signame)
     out = tmp_path / "out.safetensors"
     inputs = digests([good])

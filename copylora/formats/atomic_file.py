@@ -1,6 +1,6 @@
 """Writing a file so that nobody ever sees it half-written and nothing is left behind.
 
-The data goes to a temp file beside the target, `.NAME.XXXXXXXX.tmp`, which is renamed over the
+The data goes to a temp file beside the target, `.NAME.<random>.tmp`, which is renamed over the
 target only once it is complete. The writer holds an exclusive lock on its temp file for as long
 as it exists, and the kernel drops that lock when the process dies in any way (kill -9
 included), so a temp file nobody holds locked is stale: the next write to the same target removes
