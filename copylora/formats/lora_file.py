@@ -49,6 +49,13 @@ class KeyFormat:
     up: str
     strict: bool = True  # a down without its up is an error (False: generic words, pass through)
 
+    def down_key(self, name: str, suffix: str) -> str:
+        """The key of module `name`'s down factor; suffix is what follows the word: ".weight" or ""."""
+        return f"{name}.{self.down}{suffix}"
+
+    def up_key(self, name: str, suffix: str) -> str:
+        return f"{name}.{self.up}{suffix}"
+
 
 KOHYA_KEYS = KeyFormat("lora_down", "lora_up")
 PEFT_KEYS = KeyFormat("lora_A", "lora_B")
@@ -71,11 +78,11 @@ class LoraModule:
 
     @property
     def down_key(self) -> str:
-        return f"{self.name}.{self.key_format.down}{self.key_suffix}"
+        return self.key_format.down_key(self.name, self.key_suffix)
 
     @property
     def up_key(self) -> str:
-        return f"{self.name}.{self.key_format.up}{self.key_suffix}"
+        return self.key_format.up_key(self.name, self.key_suffix)
 
     @property
     def alpha_key(self) -> str:
@@ -201,7 +208,7 @@ def read_lora(path: str | os.PathLike[str], key_formats: tuple[KeyFormat, ...] =
         if found is None:
             continue
         name, key_format, suffix = found
-        up_key, alpha_key = f"{name}.{key_format.up}{suffix}", name + ALPHA_SUFFIX
+        up_key, alpha_key = key_format.up_key(name, suffix), name + ALPHA_SUFFIX
         if up_key not in tensors:
             if not key_format.strict:
                 continue

@@ -120,11 +120,11 @@ class PlannedModule:
 
     @property
     def up_key(self) -> str:
-        return f"{self.job.name}.{self.key_format.up}{self.key_suffix}"
+        return self.key_format.up_key(self.job.name, self.key_suffix)
 
     @property
     def down_key(self) -> str:
-        return f"{self.job.name}.{self.key_format.down}{self.key_suffix}"
+        return self.key_format.down_key(self.job.name, self.key_suffix)
 
 
 def validate_request(request: MergeRequest) -> None:
