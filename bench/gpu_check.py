@@ -17,7 +17,11 @@ Steps (each a fresh process, so the freshly built extension is the one loaded):
    kept product against float64 within tests/backend_compare's bound (8 eps·‖P‖_F‖Q‖_F,
    widened by σ₁/gap at the truncation), and the clamp level against float64's;
 4. sanitizers — compute-sanitizer memcheck and racecheck on a small merge (every kernel);
-5. timing — ext vs the torch backend on the same device, and stock svd_merge_lora.py when given.
+5. routes — the factored SVD's routes alone (copylora::factored_svd: Householder, Cholesky-QR twice,
+   the Gram route, and what auto takes; the torch backend's two) on SDXL's and FLUX.1's module
+   shapes at R = 16, 64, 256, 1024, each route's singular values checked against float64;
+6. timing — ext vs the torch backend on the same device (SD1.5, SDXL, FLUX.1; R = 16 to 256), and
+   stock svd_merge_lora.py when given.
 One table is printed last; the exit code is 1 if any step failed.
 """
 
@@ -51,7 +55,9 @@ def job(name, out, inn, ranks, rank):
     return ModuleJob(name, [torch.randn(out, r, generator=gen).half() for r in ranks],
                      [torch.randn(r, inn, generator=gen).half() for r in ranks], [1.0, -1.0, 0.5][: len(ranks)], rank)
 jobs = [job("a", 96, 200, (8, 8), 16), job("b", 96, 200, (8, 8), 4), job("odd", 64, 90, (33,), 8),
-        job("dense", 12, 300, (8, 8), 16), job("three", 80, 120, (16, 16, 16), 32)]
+        job("dense", 12, 300, (8, 8), 16), job("three", 80, 120, (16, 16, 16), 32),
+        job("gram", 160, 300, (32, 32), 16), job("zero", 96, 200, (8, 8), 16)]
+jobs[-1].ups[0].zero_(); jobs[-1].ups[1].zero_()  # Cholesky fails: the Householder hand-over
 merge_jobs(jobs, SvdOptions(), backend="ext", device="cuda")
 torch.cuda.synchronize()
 """
@@ -149,13 +155,110 @@ def accuracy_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+ROUTE_NAMES = {0: "dense", 1: "Gram", 2: "CholQR2", 3: "Householder"}
+
+
+def shape_batches(variant: str, prefix: str, total_rank: int, device: str, budget: int, cap: int,
+                  seed: int = 0) -> list:
+    """Stacked float32 P (B, out, R) and Q (B, R, in) of cancelling B − A pairs (B = A + 3 % change),
+    one batch per distinct module shape of kohya's manifest where W is not dense (R < min(out, in):
+    a dense W takes the same path whatever the method), as many modules as the manifest has of it (a
+    real file's group), at most `cap`, within `budget` values per batch. Made on the device."""
+    import torch
+
+    counts: dict[tuple[int, int], int] = {}
+    for module in manifest_modules(variant):
+        shape = (module["up"][0], math.prod(module["down"][1:]))
+        if module["name"].startswith(prefix) and total_rank < min(shape):
+            counts[shape] = counts.get(shape, 0) + 1
+    gen = torch.Generator(device=device).manual_seed(seed)
+    half = total_rank // 2
+    batches = []
+    for (out, in_features), count in sorted(counts.items()):
+        count = max(1, min(count, cap, budget // (total_rank * (out + in_features))))
+        up_a = torch.randn(count, out, half, generator=gen, device=device) * 0.02
+        down_a = torch.randn(count, half, in_features, generator=gen, device=device) / in_features**0.5
+        up_b = up_a + 0.03 * 0.02 * torch.randn(up_a.shape, generator=gen, device=device)
+        down_b = down_a + 0.03 / in_features**0.5 * torch.randn(down_a.shape, generator=gen, device=device)
+        batches.append((torch.cat([up_b, -up_a], 2) / half, torch.cat([down_b, down_a], 1)))
+    return batches
+
+
+def route_rows(device: str, quick: bool) -> list[dict]:
+    """Each route of the factored SVD alone, timed and checked against float64 (first two modules of
+    each shape): its singular values within the engine tests' bound, 8 eps·‖P‖_F‖Q‖_F."""
+    import torch
+
+    from copylora.engine import reference
+    from tests.backend_compare import ROUNDING
+
+    def synced(run):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+    def ext(method):
+        return lambda p, q: torch.ops.copylora.factored_svd(p, q, 16, method)
+
+    methods = {"Householder": ext("householder"), "CholQR2": ext("qr"), "Gram": ext("gram"), "auto": ext("auto"),
+               "torch CholQR2": lambda p, q: reference.thin_svd(p, q, qr=reference.cholesky_qr2),
+               "torch auto": lambda p, q: reference.batch_thin_svd(p, q, 16)}
+    families = {"sdxl": ("sdxl", "")} if quick else {"sdxl": ("sdxl", ""), "flux1": ("flux1", "lora_unet")}
+    ranks = (16, 64) if quick else (16, 64, 256, 1024)
+    budget = 2**22 if quick else 2**28  # values of P and Q per batch (1 GiB of float32)
+    rows = []
+    for family, (variant, prefix) in families.items():
+        for total_rank in ranks:
+            # Cores over 169 go to float64 cuSOLVER one matrix at a time: fewer modules there
+            cap = {256: 8, 1024: 2}.get(total_rank, 10**6)
+            batches = shape_batches(variant, prefix, total_rank, device, budget, cap)
+            truth = []
+            for p, q in batches:
+                s_ref = reference.thin_svd(p[:2].double(), q[:2].double())[1]
+                truth.append((s_ref, ROUNDING * p[:2].double().norm(dim=(1, 2)) * q[:2].double().norm(dim=(1, 2))))
+            seconds, worst, taken = {}, {}, {}
+            for name, method in methods.items():
+                for p, q in batches[:1]:
+                    method(p, q)  # warm-up: handles, workspaces
+                best, error = math.inf, 0.0
+                for _ in range(1 if quick or total_rank > 256 else 2):
+                    results, elapsed = synced(lambda: [method(p, q) for p, q in batches])
+                    best = min(best, elapsed)
+                for result, (s_ref, bound) in zip(results, truth):
+                    s = result[1][:2].double()
+                    error = max(error, ((s - s_ref).norm(dim=1) / bound).max().item())
+                    if name == "auto":
+                        for route in result[3].tolist():
+                            taken[ROUTE_NAMES[route]] = taken.get(ROUTE_NAMES[route], 0) + 1
+                seconds[name], worst[name] = best, error
+            modules = sum(p.shape[0] for p, _ in batches)
+            bad = [name for name, error in worst.items() if not error <= 1.0]
+            rows.append({
+                "check": f"routes {family} R={total_rank} ({modules} modules, {len(batches)} factored shapes)",
+                "ok": not bad,
+                "detail": "; ".join(f"{name} {seconds[name]:.3f} s" for name in methods)
+                          + f"; auto took {', '.join(f'{k} {v}' for k, v in sorted(taken.items()))}"
+                          + f"; worst S error {max(worst.values()):.2f} of the bound"
+                          + (f"; FAILED: {', '.join(bad)}" if bad else ""),
+            })
+            del batches
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def timing_rows(device: str, quick: bool) -> list[dict]:
     import torch
 
     from copylora.engine import merge_jobs
     from copylora.engine.jobs import SvdOptions
 
-    cases = [("sd15", 8), ("sdxl", 8)] if quick else [("sd15", 8), ("sdxl", 8), ("sd15", 32), ("sd15", 128)]
+    cases = [("sd15", 8), ("sdxl", 8)] if quick else [
+        ("sd15", 8), ("sdxl", 8), ("sd15", 32), ("sdxl", 32), ("flux1", 16), ("flux1", 32), ("sd15", 128)]
     rows = []
     for variant, input_rank in cases:
         jobs = cancelling_jobs(variant, input_rank, torch.float16, 16 if quick else 1)
@@ -179,7 +282,7 @@ def child(step: str, device: str, quick: bool) -> None:
     import torch
 
     torch.manual_seed(0)
-    rows = accuracy_rows(device, quick) if step == "accuracy" else timing_rows(device, quick)
+    rows = {"accuracy": accuracy_rows, "routes": route_rows, "timing": timing_rows}[step](device, quick)
     for row in rows:
         print(json.dumps(row), flush=True)
 
@@ -289,7 +392,7 @@ def main() -> int:
     parser.add_argument("--sd-scripts", type=Path, help="an sd-scripts checkout, to time stock svd_merge_lora.py")
     parser.add_argument("--stock-python", help="the Python that runs sd-scripts")
     parser.add_argument("--log", type=Path, help="a folder to keep each step's whole output in")
-    parser.add_argument("--child", choices=["accuracy", "timing"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["accuracy", "routes", "timing"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.device, args.quick)
@@ -313,6 +416,7 @@ def main() -> int:
         finished([tests(args)])
         finished(step_rows("accuracy", args, 240))
         finished(sanitizers(args))
+        finished(step_rows("routes", args, 240))
         finished(step_rows("timing", args, 180))
         finished(stock(args))
     width = max(len(r["check"]) for r in rows)

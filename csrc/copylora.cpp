@@ -24,7 +24,8 @@ TORCH_LIBRARY(copylora, m) {
   m.def(
       "merge_group(Tensor[] ups, Tensor[] downs, Tensor scales, int[] ranks, float clamp_quantile, "
       "bool sqrt_split, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
-  // One batch's W = P Q decomposed as merge_group does it (CPU): U (B, out, k), S (B, m), Vh (B, k, in)
-  // and each module's route (0 dense, 1 Gram, 2 Cholesky-QR, 3 Householder). For tests and benchmarks.
+  // One batch's W = P Q decomposed as merge_group does it (CPU and CUDA): U (B, out, k), S (B, m),
+  // Vh (B, k, in) and each module's route (0 dense, 1 Gram, 2 Cholesky-QR, 3 Householder). method
+  // 'gram', 'qr' or 'householder' forces a route where W is not dense. For tests and benchmarks.
   m.def("factored_svd(Tensor p, Tensor q, int kept, str method='auto') -> (Tensor, Tensor, Tensor, Tensor)");
 }

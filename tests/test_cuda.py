@@ -14,11 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from copylora.engine import merge_jobs, ops
+from copylora.engine import merge_jobs, ops, reference
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
-from tests.backend_compare import assert_backend_matches
+from tests.backend_compare import assert_backend_matches, assert_product_matches
 from tests.conftest import GoldenCase, golden_params
 from tests.test_engine import DTYPES, EXT, cancelling_jobs, golden_jobs, random_job
+from tests.test_gram_route import CHOLESKY_QR, GRAM, HOUSEHOLDER, well_conditioned_jobs, zero_and_deficient_jobs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -95,6 +96,37 @@ def test_core_sizes(input_ranks):
 @pytest.mark.parametrize("case", golden_params("golden"))
 def test_golden_modules_on_cuda(case: GoldenCase):
     assert_backend_matches(golden_jobs(case), SvdOptions(), run_cuda)
+
+
+def factored_on_cuda(job: ModuleJob, method: str) -> tuple[MergedModule, int]:
+    """copylora::factored_svd of one job on the GPU, as an unclamped merge result, and its route."""
+    p, q = reference.stacked_factors(job, "cuda")
+    u, s, vh, route = torch.ops.copylora.factored_svd(p[None], q[None], job.rank, method)
+    u, vh = reference.fix_signs(u[0].cpu(), vh[0].cpu())
+    up, down = reference.lora_factors(u, s[0].cpu(), vh, job.rank, sqrt_split=False)
+    return MergedModule(up=up, down=down, singular_values=s[0].cpu()), int(route[0])
+
+
+@pytest.mark.parametrize(("rank_each", "method", "route"), [
+    (8, "auto", CHOLESKY_QR), (32, "auto", GRAM), (8, "gram", GRAM), (32, "qr", CHOLESKY_QR),
+    (32, "householder", HOUSEHOLDER)])
+def test_each_route_on_cuda(rank_each, method, route):
+    """decompose.h on the GPU (issue 22): Cholesky-QR below R = 64, the Gram route from it, either
+    when forced, and the kernel's former Householder QR; each right on cancelling pairs."""
+    unclamped = SvdOptions(clamp_quantile=1.0)
+    for job in well_conditioned_jobs(rank_each, 1e-3):
+        ours, taken = factored_on_cuda(job, method)
+        assert taken == route, job.name
+        assert_product_matches(job, ours, reference.merge_module(job, unclamped))
+
+
+def test_routes_hand_what_they_cannot_factor_to_householder_on_cuda():
+    """A zero module and a rank-deficient one fail both Cholesky routes; merge_group's result for
+    them is still right."""
+    jobs = zero_and_deficient_jobs()
+    for method in ("gram", "qr"):
+        assert [factored_on_cuda(job, method)[1] for job in jobs] == [HOUSEHOLDER, HOUSEHOLDER]
+    assert_backend_matches(jobs, SvdOptions(), run_cuda)
 
 
 def test_cancelling_pairs_on_cuda():

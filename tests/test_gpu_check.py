@@ -21,7 +21,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     checks = [row.split("|")[1].strip() for row in rows]
     assert checks[:2] == ["build", "tests/test_cuda.py tests/test_torch_backend_cuda.py"]
     assert sum(check.startswith("accuracy") for check in checks) == 3
+    assert sum(check.startswith("routes") for check in checks) == 2
     assert sum(check.startswith("timing") for check in checks) == 2
     assert all("| ok " in row for row in rows)
     # --log keeps each step's whole output (one GPU call is all a session may get)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["accuracy.log", "tests.log", "timing.log"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["accuracy.log", "routes.log", "tests.log", "timing.log"]

@@ -87,6 +87,17 @@ def test_ext_keeps_cholesky_qr_below_r64():
 
 
 @requires_ext
+def test_ext_householder_when_asked():
+    """The 'householder' method (the CUDA kernel's QR before issue 22, kept to time against)."""
+    jobs = well_conditioned_jobs(32, 1e-3)
+    assert routes(jobs, "householder") == [HOUSEHOLDER] * len(jobs)
+    p, q = reference.stacked_factors(jobs[0])
+    _, s, _, _ = torch.ops.copylora.factored_svd(p[None], q[None], 16, "householder")
+    _, s_ref, _, _ = torch.ops.copylora.factored_svd(p[None], q[None], 16, "qr")
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+
+
+@requires_ext
 def test_ext_declines_what_the_gram_route_cannot_factor():
     """Zero and rank-deficient modules fail the float64 Cholesky: Householder, as before."""
     jobs = zero_and_deficient_jobs()

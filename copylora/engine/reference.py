@@ -178,11 +178,11 @@ def gram_thin_svd(
 
 def batch_thin_svd(p: torch.Tensor, q: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """thin_svd of a batch as the torch backend runs it, U and Vh cut to `kept` vectors: the Gram
-    route on the CPU where R ≥ GRAM_MIN_RANK and R < min(out, in), with Cholesky-QR twice (and
-    Householder) for the modules it declines; Cholesky-QR twice elsewhere. (On CUDA the Gram route
-    has not run on a GPU yet, so it is not taken there.)"""
+    route where R ≥ GRAM_MIN_RANK and R < min(out, in), with Cholesky-QR twice (and Householder) for
+    the modules it declines; Cholesky-QR twice elsewhere. The same routes as the C++ kernel, on
+    every device."""
     out_features, total_rank = p.shape[-2:]
-    if p.device.type != "cpu" or total_rank < GRAM_MIN_RANK or total_rank >= min(out_features, q.shape[-1]):
+    if total_rank < GRAM_MIN_RANK or total_rank >= min(out_features, q.shape[-1]):
         u, s, vh = thin_svd(p, q, qr=cholesky_qr2)
         return u[..., :kept], s, vh[..., :kept, :]
     u, s, vh, accepted = gram_thin_svd(p, q, kept)

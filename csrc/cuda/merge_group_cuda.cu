@@ -1,8 +1,9 @@
 // CUDA kernel of copylora::merge_group. A group of B modules runs in a fixed number of launches,
-// whatever B is: n x 2 assembly kernels (one per input and factor, all modules at once), ATen's
-// batched QR and bmm (cuSOLVER/cuBLAS, TF32 off whatever the caller set), one Jacobi SVD kernel
-// for all R x R cores, one kernel for sign fix/scaling/truncation and one for the quantile clamp.
-// Two host syncs per group: the finiteness check of the inputs and the Jacobi convergence count.
+// whatever B is: n x 2 assembly kernels (one per input and factor, all modules at once), the
+// decomposition of decompose.h in batched ATen calls (cuBLAS/cuSOLVER, TF32 off whatever the caller
+// set) with one Jacobi SVD kernel for all R x R cores, one kernel for sign fix/scaling/truncation and
+// one for the quantile clamp. Host syncs per group: the finiteness check of the inputs, the routes'
+// hand-overs (modules the Gram route or Cholesky-QR decline) and the Jacobi convergence count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "decompose.h"
 #include "merge_group.h"
 
 namespace copylora {
@@ -471,7 +473,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   TORCH_CHECK(at::isfinite(p).all().item<bool>() && at::isfinite(q).all().item<bool>(), kNonFiniteFactor);
 
   const int64_t kk = g.computed;
-  auto [u, s, vh] = factored_svd(g, p, q, householder_qr, batched_svd);  // (B, out, kk), (B, m), (B, kk, in)
+  const Decomposition d = decompose(g, p, q, Method::kAuto, batched_svd);  // (B, out, kk), (B, m), (B, kk, in)
+  const at::Tensor& u = d.u;
+  const at::Tensor& s = d.s;
+  const at::Tensor& vh = d.vh;
   singular.copy_(s);
 
   const at::Tensor device_ranks = at::tensor(ranks, at::TensorOptions().dtype(at::kLong)).to(scales.device());
@@ -490,10 +495,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_group_cuda(
   return {up.to(dtype), down.to(dtype), singular};
 }
 
+// copylora::factored_svd on the GPU: the decomposition merge_group_cuda makes, with each module's route.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> factored_svd_cuda(const at::Tensor& p, const at::Tensor& q,
+                                                                             int64_t kept, c10::string_view method) {
+  const GroupShape g = factored_shape(p, q, kept);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const at::NoTF32Guard full_float32;
+  const Decomposition d = decompose(g, p.contiguous(), q.contiguous(), parse_method(method), batched_svd);
+  return {d.u, d.s, d.vh, d.route};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copylora, CUDA, m) {
   m.impl("merge_group", &merge_group_cuda);
+  m.impl("factored_svd", &factored_svd_cuda);
 }
 
 }  // namespace copylora
