@@ -112,12 +112,14 @@ def factored_on_cuda(job: ModuleJob, method: str) -> tuple[MergedModule, int]:
     (32, "householder", HOUSEHOLDER)])
 def test_each_route_on_cuda(rank_each, method, route):
     """decompose.h on the GPU (issue 22): Cholesky-QR below R = 64, the Gram route from it, either
-    when forced, and the kernel's former Householder QR; each right on cancelling pairs."""
+    when forced, and the kernel's former Householder QR; each right, on cancelling pairs too."""
     unclamped = SvdOptions(clamp_quantile=1.0)
-    for job in well_conditioned_jobs(rank_each, 1e-3):
+    for job in well_conditioned_jobs(rank_each):
         ours, taken = factored_on_cuda(job, method)
         assert taken == route, job.name
         assert_product_matches(job, ours, reference.merge_module(job, unclamped))
+    for job in well_conditioned_jobs(rank_each, 1e-3):  # cancelling: Cholesky-QR hands these to Householder
+        assert_product_matches(job, factored_on_cuda(job, method)[0], reference.merge_module(job, unclamped))
 
 
 def test_routes_hand_what_they_cannot_factor_to_householder_on_cuda():

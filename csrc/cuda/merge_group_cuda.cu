@@ -189,10 +189,16 @@ __global__ void jacobi_svd_kernel(const float* __restrict__ cores, int64_t size,
           continue;
         }
         const float zeta = (beta - alpha) / (2.0f * gamma);
-        const float t = copysignf(1.0f, zeta) / (fabsf(zeta) + sqrtf(1.0f + zeta * zeta));
+        // hypotf, not sqrtf(1 + zeta^2): between a column and one of rounding noise (a rank-deficient
+        // core: two inputs with the same up) zeta^2 overflowed, t came out 0, and the identity
+        // "rotation" kept the sweeps going until kMaxSweeps.
+        const float t = copysignf(1.0f, zeta) / (fabsf(zeta) + hypotf(1.0f, zeta));
         // Correctly rounded (rsqrtf is approximate, and its bias grows S's error to 1e-4 at R ~ 160)
         const float c = 1.0f / sqrtf(1.0f + t * t);
         const float s = c * t;
+        if (s == 0.0f) {
+          continue;  // t underflowed: this pair is as orthogonal as float32 can make it
+        }
         float* vi = v + i * size;
         float* vj = v + j * size;
         for (int64_t row = lane; row < size; row += kWarpSize) {
