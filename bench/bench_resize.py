@@ -11,9 +11,11 @@ run in interleaved rounds (ext, torch, floor, ext, …) so the machine's drift r
 Cases: `real` = LoRA A of the shared real SD1.5 pair (264 modules, dim 8) -> rank 4;
 `sdxl` = a synthetic SDXL LoRA with all 986 modules of kohya's manifest (dim 32, fp16) -> rank 8;
 `sdxl-dynamic` = the same -> sv_fro 0.9, at most rank 16; `flux` = a synthetic FLUX.1 LoRA with the 304
-U-Net modules of kohya's lora_flux manifest (dim 32, fp16) -> rank 16. All --save_precision fp16, CPU.
+U-Net modules of kohya's lora_flux manifest (dim 32, fp16) -> rank 16; `sdxl-loha` = a synthetic SDXL LoHa
+(kohya's networks.loha layout, all 986 modules, dim 16: a factored rank R = 16² = 256 per module) -> rank 32.
+All --save_precision fp16, CPU.
 
-    python bench/bench_resize.py [--cases real sdxl sdxl-dynamic flux] [--repeat 3] \
+    python bench/bench_resize.py [--cases real sdxl sdxl-dynamic flux sdxl-loha] [--repeat 3] \
         [--sd-scripts DIR --stock-python PY [--stock-cases real ...]] [--write]
 
 --write replaces the "resize" section of bench/README.md with the table.
@@ -26,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import Comparison, REAL_PAIR, manifest_pair, run_whole_process
+from common import Comparison, REAL_PAIR, manifest_loha, manifest_pair, run_whole_process
 
 COMMON_ARGS = ["--save_precision", "fp16", "--device", "cpu"]
 SDXL_DIM = 32
@@ -40,6 +42,7 @@ class Case:
     args: tuple[str, ...]
     recorded_stock: str  # stock's figure from an earlier run on this machine (shown when it is not rerun)
     prefix: str = ""  # only the manifest's modules whose names start with this
+    loha_dim: int = 0  # > 0: a LoHa of this dim instead of a LoRA of dim 32
 
 
 CASES = {
@@ -54,6 +57,8 @@ CASES = {
     ),
     "flux": Case("flux", f"synthetic FLUX.1 (304 modules), dim {SDXL_DIM} → 16", "flux1", ("--new_rank", "16"),
                  "not run here; 20–25 min on a 16 GB GPU (kohya_ss #2804, sd-scripts #1567)", "lora_unet"),
+    "sdxl-loha": Case("sdxl-loha", "synthetic SDXL LoHa (986 modules), dim 16 (R = 256) → 32", "sdxl",
+                      ("--new_rank", "32"), "not run: stock resize_lora.py reads only LoRA keys", loha_dim=16),
 }
 
 
@@ -61,6 +66,8 @@ def case_input(case: Case, workdir: Path) -> str:
     if case.variant is None:
         return str(REAL_PAIR / "A.safetensors")
     # deterministic: the same file every run
+    if case.loha_dim:
+        return str(manifest_loha(case.variant, workdir / f"{case.variant}-loha", case.loha_dim))
     _, a = manifest_pair(case.variant, workdir / case.variant, dim=SDXL_DIM, prefix=case.prefix)
     return str(a)
 

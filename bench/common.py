@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -134,6 +135,31 @@ def manifest_pair(variant: str, folder: Path, dim: int = 8, prefix: str = "") ->
         write_lora(path, random_lora(layout, dim, 1.0, seed), metadata)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def manifest_loha(variant: str, folder: Path, dim: int, seed: int = 0) -> Path:
+    """LoHa.safetensors in kohya's networks.loha layout (hada_w1_a (out, dim), hada_w1_b (dim, in_flat),
+    the same for w2, alpha) with every module of kohya's `variant` manifest: random fp16 factors at
+    a trained LoHa's scale (each Hadamard factor's product small, ΔW of a LoRA's order)."""
+    import torch
+
+    from copylora.formats.lora_file import write_lora
+    from copylora.formats.synthetic import training_metadata
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in manifest_modules(variant):
+        out, in_flat = module["up"][0], math.prod(module["down"][1:])
+        for factor in ("w1", "w2"):
+            tensors[f"{module['name']}.hada_{factor}_a"] = (torch.randn(out, dim, generator=gen) * 0.05).half()
+            tensors[f"{module['name']}.hada_{factor}_b"] = (torch.randn(dim, in_flat, generator=gen) / in_flat**0.5).half()
+        tensors[f"{module['name']}.alpha"] = torch.tensor(1.0, dtype=torch.float16)
+    metadata = {**training_metadata("LoHa", dim, 1.0), **FAMILY_METADATA.get(variant, {}),
+                "ss_network_module": "networks.loha"}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "LoHa.safetensors"
+    write_lora(path, tensors, metadata)
+    return path
 
 
 def write_section(name: str, heading: str, table: str) -> None:

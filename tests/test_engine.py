@@ -367,3 +367,32 @@ def test_ext_result_does_not_depend_on_the_thread_count(tmp_path, rank):
     for name in one:
         for a, b in zip(one[name], two[name]):
             assert torch.equal(a, b), name
+
+
+def test_jobs_that_form_their_factors_are_formed_a_batch_at_a_time(monkeypatch):
+    """LoHa/LoKr jobs carry shapes and a `load`: the engine forms at most FORMED_BATCH_BYTES of
+    factors, runs them, and only then forms the next batch; the results are the eager jobs'."""
+    gen = torch.Generator().manual_seed(5)
+    eager = [random_job(gen, f"m{i}", 96, 80, (8, 8), [1.0, -1.0], 8) for i in range(5)]
+    events: list[str] = []
+
+    def deferred(job: ModuleJob) -> ModuleJob:
+        def load():
+            events.append(f"form {job.name}")
+            return job.ups, job.downs
+        return ModuleJob(job.name, [u.to("meta") for u in job.ups], [d.to("meta") for d in job.downs],
+                         job.scales, job.rank, load=load)
+
+    original = engine._run_group_torch
+
+    def logged(group, *args):
+        events.append("run " + " ".join(job.name for job in group))
+        return original(group, *args)
+
+    monkeypatch.setattr(engine, "_run_group_torch", logged)
+    monkeypatch.setattr(engine, "FORMED_BATCH_BYTES", 2 * eager[0].factor_bytes)
+    lazy = merge_jobs([deferred(job) for job in eager], SvdOptions(), backend="torch").modules
+    assert events == ["form m0", "form m1", "run m0 m1", "form m2", "form m3", "run m2 m3", "form m4", "run m4"]
+    for name, merged in merge_jobs(eager, SvdOptions(), backend="torch").modules.items():
+        torch.testing.assert_close(lazy[name].up, merged.up, rtol=0, atol=0)
+        torch.testing.assert_close(lazy[name].down, merged.down, rtol=0, atol=0)

@@ -53,3 +53,28 @@ def test_reading_a_large_lora_costs_its_bytes_not_a_float32_copy(tmp_path: Path)
     done = subprocess.run([sys.executable, "-c", READ, str(path)], check=True, capture_output=True, text=True)
     rss = json.loads(done.stdout.strip().splitlines()[-1])
     assert rss["after"] - rss["before"] <= size_mb + 64, (rss, size_mb)
+
+
+def test_reading_a_loha_costs_its_bytes_not_its_formed_pair(tmp_path: Path):
+    """A LoHa's exact pair is r² wide: 64 modules of 2048 × 2048 at dim 16 store 16 MB and form
+    268 MB of float32 factors. The reader checks them on the meta device and keeps their shapes; the
+    engine forms them a batch at a time (copylora.engine.formed_batches)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for index in range(64):
+        for factor in ("w1", "w2"):
+            tensors[f"lora_unet_m{index}.hada_{factor}_a"] = (torch.randn(2048, 16, generator=gen) * 0.05).half()
+            tensors[f"lora_unet_m{index}.hada_{factor}_b"] = (torch.randn(16, 2048, generator=gen) * 0.02).half()
+    path = tmp_path / "loha.safetensors"
+    lora_file.write_lora(path, tensors, {"ss_network_module": "networks.loha"})
+    size_mb = path.stat().st_size / 2**20
+    done = subprocess.run([sys.executable, "-c", READ, str(path)], check=True, capture_output=True, text=True)
+    rss = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rss["after"] - rss["before"] <= size_mb + 64, (rss, size_mb)
+
+    module = lora_file.read_lora(path).modules["lora_unet_m3"]
+    assert module.up.is_meta and module.down.is_meta and module.rank == 256
+    up, down = module.factors()
+    stored = {key.rpartition(".")[2]: tensor.float() for key, tensor in tensors.items() if key.startswith("lora_unet_m3.")}
+    delta = (stored["hada_w1_a"] @ stored["hada_w1_b"]) * (stored["hada_w2_a"] @ stored["hada_w2_b"])
+    torch.testing.assert_close(up @ down * module.scale, delta, rtol=1e-5, atol=1e-6)

@@ -75,6 +75,22 @@ def group_jobs(jobs: Iterable[ModuleJob]) -> list[list[ModuleJob]]:
     return list(groups.values())
 
 
+# Formed factors per engine call where jobs form them on demand (LoHa, LoKr): what a file of them
+# costs beyond its own size, whatever its size.
+FORMED_BATCH_BYTES = 64 << 20
+
+
+def formed_batches(group: list[ModuleJob]) -> Iterator[list[ModuleJob]]:
+    """A group as the engine runs it: whole, or, where its jobs form their factors on demand, in
+    batches of at most FORMED_BATCH_BYTES of factors, each formed just before it runs."""
+    if all(job.load is None for job in group):
+        yield group
+        return
+    size = max(1, FORMED_BATCH_BYTES // group[0].factor_bytes)  # a group's jobs have one shape
+    for begin in range(0, len(group), size):
+        yield [job.loaded() for job in group[begin : begin + size]]
+
+
 def _run_group_ext(
     group: list[ModuleJob], options: SvdOptions, device: torch.device, out_dtype: torch.dtype
 ) -> list[MergedModule]:
@@ -165,8 +181,9 @@ def merge_jobs(
     start = time.perf_counter()
     results: dict[str, MergedModule] = {}
     for group in group_jobs(jobs):
-        for job, merged in zip(group, run_group(group, backend_options, device, backend_dtype)):
-            results[job.name] = cast(balanced(merged), out_dtype) if split_after_clamp else merged
+        for batch in formed_batches(group):
+            for job, merged in zip(batch, run_group(batch, backend_options, device, backend_dtype)):
+                results[job.name] = cast(balanced(merged), out_dtype) if split_after_clamp else merged
         if on_progress is not None:
             on_progress(len(results), len(jobs))
     if device.type == "cuda":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,6 +33,10 @@ class ModuleJob:
 
     ups[i] is (out, r_i), downs[i] is (r_i, in_flat) (a 3×3 conv's down flattened); any float
     dtype, any device. scales[i] = ratio · lbw · alpha / dim of input i.
+
+    load: where ups and downs are shape-only (meta) tensors, forms the real ones. An adapter's
+    factors (LoHa's are r² wide) can be many times its file's size, so the engine forms them a
+    batch at a time, just before that batch runs, and lets them go after.
     """
 
     name: str
@@ -38,6 +44,7 @@ class ModuleJob:
     downs: list[torch.Tensor]
     scales: list[float]
     rank: int
+    load: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def __post_init__(self) -> None:
         # zip() over mismatched lists would silently drop inputs; every backend relies on this
@@ -46,6 +53,18 @@ class ModuleJob:
                 f"module {self.name}: {len(self.ups)} ups, {len(self.downs)} downs and {len(self.scales)} scales; "
                 "give one scale per factor pair (at least one pair)"
             )
+
+    def loaded(self) -> "ModuleJob":
+        """This job with real factors: itself, or a copy with the factors `load` forms."""
+        if self.load is None:
+            return self
+        ups, downs = self.load()
+        return dataclasses.replace(self, ups=ups, downs=downs, load=None)
+
+    @property
+    def factor_bytes(self) -> int:
+        """What its factors take once formed, in float32."""
+        return 4 * self.total_rank * (self.out_features + self.in_features)
 
     @property
     def out_features(self) -> int:

@@ -12,6 +12,7 @@ module).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -29,7 +30,7 @@ from copylora.errors import CopyloraError
 from copylora.formats import naming
 from copylora.formats.adapters import AdapterProblem, FactorPair
 from copylora.formats.adapters.lora import tucker_factor_pair
-from copylora.formats.adapters.modules import adapter_modules, refused_kind
+from copylora.formats.adapters.modules import AdapterModule, adapter_modules, refused_kind
 from copylora.formats.atomic_file import atomic_write  # also imported from here by other writers
 from copylora.formats.safetensors_format import SAFETENSORS_DTYPES
 from copylora.formats.safetensors_reader import read_safetensors
@@ -66,7 +67,9 @@ KEY_FORMATS = (KOHYA_KEYS, PEFT_KEYS, CONTROL_LORA_KEYS)  # resize_lora's, in it
 @dataclass(frozen=True)
 class LoraModule:
     """One module's factors as stored in the file (original dtype and shape); for an adapter kind
-    (LoHa, LoKr, Tucker LoCon) the exact float32 pair computed from its tensors."""
+    (LoHa, LoKr, Tucker LoCon) the exact float32 pair of its delta. A LoHa's or LoKr's pair is r² or
+    m·r wide, many times its stored tensors, so it is not kept: up and down are then shape-only
+    (meta) tensors and `expand` forms the pair. `factors()` gives the values either way."""
 
     name: str
     down: torch.Tensor
@@ -75,6 +78,11 @@ class LoraModule:
     key_format: KeyFormat = KOHYA_KEYS
     key_suffix: str = ".weight"  # what follows <down>/<up> in the key: ".weight" or ""
     adapter: str = "LoRA"  # what the file stores: LoRA (a pair), or the kind turned into this pair
+    expand: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # forms (up, down) when they are meta
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with their values: as stored, or an adapter's pair formed now (not kept)."""
+        return (self.up, self.down) if self.expand is None else self.expand()
 
     @property
     def down_key(self) -> str:
@@ -265,14 +273,16 @@ def _is_pair_key(key: str, word: str) -> bool:
 def _adapter_lora_modules(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], check_finite: bool
 ) -> tuple[dict[str, LoraModule], set[str]]:
-    """The file's LoHa/LoKr modules, each as the exact lora_up/lora_down pair of its delta, and their keys."""
+    """The file's LoHa/LoKr modules, each as the exact lora_up/lora_down pair of its delta, formed on
+    demand, and their keys. Every check runs now, on meta copies of the tensors (no data)."""
 
     def alpha_of(name: str) -> float | None:
         alpha = tensors.get(name + ALPHA_SUFFIX)
         return None if alpha is None else _alpha_value(path, name, alpha)
 
+    shapes_only = {key: tensor.to("meta") for key, tensor in tensors.items()}
     try:
-        found, used = adapter_modules(tensors, alpha_of)
+        found, used = adapter_modules(shapes_only, alpha_of)
     except AdapterProblem as problem:
         raise CopyloraError(f"{path}: {problem}") from None
     if check_finite:
@@ -280,7 +290,20 @@ def _adapter_lora_modules(
         if bad is not None:
             raise CopyloraError(f"{path}: module {bad.rpartition('.')[0]}: {bad} contains NaN or Inf")
     v2 = metadata.get("ss_v2") == "True"
-    return {name: _as_lora_module(name, kind, factors, v2) for name, (kind, factors) in found.items()}, used
+    modules = {}
+    for name, (adapter, shapes) in found.items():
+        kernel = _kernel(name, shapes, v2)
+        form = functools.partial(_kohya_layout_of, adapter, tensors, kernel)
+        up, down = _kohya_layout(shapes, kernel)
+        modules[name] = LoraModule(name=name, down=down, up=up, alpha=shapes.scale * shapes.up.shape[1],
+                                   adapter=adapter.kind, expand=form)
+    return modules, used
+
+
+def _kohya_layout_of(adapter: AdapterModule, tensors: Mapping[str, torch.Tensor],
+                     kernel: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter module's pair formed from the file's tensors, in kohya's layout."""
+    return _kohya_layout(adapter.factors(tensors), kernel)
 
 
 def _tucker_locon(path: Path, pair: LoraModule, mid: torch.Tensor, check_finite: bool) -> LoraModule:
@@ -294,16 +317,25 @@ def _tucker_locon(path: Path, pair: LoraModule, mid: torch.Tensor, check_finite:
     return _as_lora_module(pair.name, "LoCon (Tucker)", factors, v2=False)
 
 
-def _as_lora_module(name: str, kind: str, factors: FactorPair, v2: bool) -> LoraModule:
-    """kohya's layout for the pair: a conv's down (R, in, kh, kw) and up (out, R, 1, 1). Adapters
-    store 1×1 and flat convs 2-D, so their kernel comes from the module's name where the tensors
-    do not give it."""
-    up, down, rank = factors.up, factors.down, factors.up.shape[1]
+def _kernel(name: str, factors: FactorPair, v2: bool) -> tuple[int, int] | None:
+    """A conv's kernel: from the tensors, else from the module's name (adapters store 1×1 and flat
+    convs 2-D); None for a linear module or a down whose width the kernel does not divide."""
     kernel = factors.kernel or naming.conv_kernel(name, v2)
-    if kernel is not None and down.shape[1] % (kernel[0] * kernel[1]) == 0:
-        up, down = up.reshape(up.shape[0], rank, 1, 1), down.reshape(rank, -1, *kernel)
-    # alpha such that alpha / rank is the kind's own scale
-    return LoraModule(name=name, down=down, up=up, alpha=factors.scale * rank, adapter=kind)
+    return kernel if kernel is not None and factors.down.shape[1] % (kernel[0] * kernel[1]) == 0 else None
+
+
+def _kohya_layout(factors: FactorPair, kernel: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) in kohya's layout: a conv's down (R, in, kh, kw) and up (out, R, 1, 1)."""
+    up, down, rank = factors.up, factors.down, factors.up.shape[1]
+    if kernel is None:
+        return up, down
+    return up.reshape(up.shape[0], rank, 1, 1), down.reshape(rank, -1, *kernel)
+
+
+def _as_lora_module(name: str, kind: str, factors: FactorPair, v2: bool) -> LoraModule:
+    """The pair as a module, with alpha such that alpha / rank is the kind's own scale."""
+    up, down = _kohya_layout(factors, _kernel(name, factors, v2))
+    return LoraModule(name=name, down=down, up=up, alpha=factors.scale * factors.up.shape[1], adapter=kind)
 
 
 def _alpha_value(path: Path, name: str, alpha: torch.Tensor) -> float:

@@ -19,14 +19,24 @@ from copylora.engine import ModuleJob
 
 
 def orthonormal_down(job: ModuleJob) -> ModuleJob:
-    """The same W as one input (up = W·Q_q, down = Q_qᵀ), formed in float64, stored in float32."""
+    """The same W as one input (up = W·Q_q, down = Q_qᵀ), formed in float64, stored in float32; for a
+    job that forms its factors on demand, a job that conditions them when it forms them."""
+    if job.load is not None:
+        width = min(job.in_features, job.total_rank)
+        return ModuleJob(
+            name=job.name,
+            ups=[torch.empty(job.out_features, width, device="meta")],
+            downs=[torch.empty(width, job.in_features, device="meta")],
+            scales=[1.0],
+            rank=job.rank,
+            load=lambda: _conditioned_factors(job.loaded()),
+        )
+    ups, downs = _conditioned_factors(job)
+    return ModuleJob(name=job.name, ups=ups, downs=downs, scales=[1.0], rank=job.rank)
+
+
+def _conditioned_factors(job: ModuleJob) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     p = torch.cat([u.double() * s for u, s in zip(job.ups, job.scales)], dim=1)
     q = torch.cat([d.double() for d in job.downs], dim=0)
     basis, triangle = torch.linalg.qr(q.T)  # (in, r), (r, R) with r = min(in, R)
-    return ModuleJob(
-        name=job.name,
-        ups=[(p @ triangle.T).float()],
-        downs=[basis.T.float().contiguous()],
-        scales=[1.0],
-        rank=job.rank,
-    )
+    return [(p @ triangle.T).float()], [basis.T.float().contiguous()]

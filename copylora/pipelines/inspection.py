@@ -56,7 +56,8 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fl
 
 
 def joined_values(module: LoraModule) -> torch.Tensor:
-    return torch.cat([module.up.reshape(-1), module.down.reshape(-1)]).float()
+    up, down = module.factors()
+    return torch.cat([up.reshape(-1), down.reshape(-1)]).float()
 
 
 def clamped_entries(module: LoraModule, sqrt_split: bool) -> int:
@@ -65,15 +66,16 @@ def clamped_entries(module: LoraModule, sqrt_split: bool) -> int:
     Stock layout: they all equal the module's largest value. √S split: the clamp cut stock's
     U·S and Vᵀ and each pair was rescaled after, so they tie within each up column / down row.
     """
+    stored_up, stored_down = module.factors()
     if not sqrt_split:
-        up, down = module.up.float().reshape(-1) * module.scale, module.down.float().reshape(-1)
+        up, down = stored_up.float().reshape(-1) * module.scale, stored_down.float().reshape(-1)
         top = torch.maximum(up.max(), down.max())
         # With one alpha shared by all modules, up was saved × rank/alpha: undone here, its clamped
         # entries equal down's only to within the saved dtype's rounding. Otherwise they tie exactly.
-        near = top if module.scale == 1.0 else top * (1 - 2 * torch.finfo(module.up.dtype).eps)
+        near = top if module.scale == 1.0 else top * (1 - 2 * torch.finfo(stored_up.dtype).eps)
         ties = int((up >= near).sum() + (down >= near).sum()) if top > 0 else 0
         return ties if ties >= MIN_CLAMP_TIES else 0
-    up, down = as_factors(module.up, module.down)
+    up, down = as_factors(stored_up, stored_down)
     ties = 0
     for line in (*up.T, *down):
         top = line.max()
@@ -103,7 +105,7 @@ def infer_sqrt_split(modules: list[LoraModule]) -> bool:
     """True when most modules look √S-split (up-column norm = down-row norm), not stock (unit down rows)."""
     votes = 0
     for module in modules:
-        up, down = as_factors(module.up, module.down, module.scale)  # a shared alpha's fold undone
+        up, down = as_factors(*module.factors(), module.scale)  # a shared alpha's fold undone
         columns, rows = up.norm(dim=0), down.norm(dim=1)
         live = (columns > 0) & (rows > 0)
         if not live.any():
@@ -167,7 +169,7 @@ def inspect_lora(
     first = modules[0].down.dtype
     dtype = DTYPE_NAMES.get(first, str(first).removeprefix("torch."))
     if not against:
-        spectra = [Spectrum(m.name, thin_svd(*as_factors(m.up, m.down, m.scale))[1], m.rank) for m in modules]
+        spectra = [Spectrum(m.name, thin_svd(*as_factors(*m.factors(), m.scale))[1], m.rank) for m in modules]
         return Inspection(path, dtype, modules, spectra, fidelity=None, settings=None)
 
     jobs = _exact_jobs(out, against, ratios, lbws)
@@ -182,16 +184,17 @@ def inspect_lora(
     fidelity = []
     for job, module in zip(jobs, modules):
         result = merged[job.name]
+        stored_up, stored_down = module.factors()
         # saved as the merge saves: a shared alpha's rank/alpha folded into up before the cast
-        cast = ((result.up / module.scale).to(module.up.dtype), result.down.to(module.down.dtype))
+        cast = ((result.up / module.scale).to(stored_up.dtype), result.down.to(stored_down.dtype))
         fidelity.append(
             measure_module(
                 job.name,
-                stacked_factors(job),
+                stacked_factors(job.loaded()),
                 job.rank,
                 as_factors(result.up, result.down),  # the merge's factors carry the delta at alpha = rank
                 as_factors(*cast, module.scale),
-                as_factors(module.up, module.down, module.scale),
+                as_factors(stored_up, stored_down, module.scale),
             )
         )
     spectra = [Spectrum(f.name, f.singular_values, f.rank) for f in fidelity]

@@ -9,6 +9,7 @@ minimal `ss_*` metadata, the `sshs_*` hashes and, unless disabled, `modelspec.*`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -198,6 +199,20 @@ def at_merge_precision(factor: torch.Tensor, merge_dtype: torch.dtype) -> torch.
     return factor if merge_dtype == torch.float32 else factor.to(merge_dtype)
 
 
+def merge_inputs(
+    modules: list[LoraModule], pairs: list[tuple[torch.Tensor, torch.Tensor]], merge_dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A merge job's inputs from each module's (up, down): up (out, r) and down (r, in·kh·kw) at --precision."""
+    ups = [at_merge_precision(up.reshape(up.shape[0], m.rank), merge_dtype) for m, (up, _) in zip(modules, pairs)]
+    downs = [at_merge_precision(down.reshape(m.rank, -1), merge_dtype) for m, (_, down) in zip(modules, pairs)]
+    return ups, downs
+
+
+def formed_inputs(modules: list[LoraModule], merge_dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """merge_inputs with every adapter's pair formed (the engine calls this a batch at a time)."""
+    return merge_inputs(modules, [m.factors() for m in modules], merge_dtype)
+
+
 def plan_modules(
     files: list[LoraFile], ratios: list[float], lbws: list[BlockWeights] | None, request: MergeRequest
 ) -> list[PlannedModule]:
@@ -222,12 +237,15 @@ def plan_modules(
         conv3x3 = first.is_conv and first.kernel_size != (1, 1)
         # kohya caps the rank by the channel counts (not in·kh·kw) — keep its shapes
         rank = min(request.conv_rank if conv3x3 else request.new_rank, in_channels, out_features)
+        modules = [m for _, m, _ in entries]
+        ups, downs = merge_inputs(modules, [(m.up, m.down) for m in modules], merge_dtype)  # shapes, where formed later
         job = ModuleJob(
             name=name,
-            ups=[at_merge_precision(m.up.reshape(m.up.shape[0], m.rank), merge_dtype) for _, m, _ in entries],
-            downs=[at_merge_precision(m.down.reshape(m.rank, -1), merge_dtype) for _, m, _ in entries],
+            ups=ups,
+            downs=downs,
             scales=[s for _, _, s in entries],
             rank=rank,
+            load=None if all(m.expand is None for m in modules) else functools.partial(formed_inputs, modules, merge_dtype),
         )
         planned.append(PlannedModule(job=job, weight_shape=first.weight_shape, key_format=first.key_format,
                                      key_suffix=first.key_suffix))
@@ -371,7 +389,8 @@ def measure_merge(
         scale = float(tensors[f"{name}.alpha"]) / plan.job.rank  # 1 unless one alpha is shared
         saved = as_factors(tensors[plan.up_key], tensors[plan.down_key], scale)
         measured.append(
-            measure_module(name, stacked_factors(plan.job), plan.job.rank, as_factors(result.up, result.down), saved, saved)
+            measure_module(name, stacked_factors(plan.job.loaded()), plan.job.rank, as_factors(result.up, result.down),
+                           saved, saved)
         )
     return measured
 

@@ -16,6 +16,7 @@ leading `rank` pairs. Output format follows kohya's networks/resize_lora.py:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -117,6 +118,16 @@ def validate_request(request: ResizeRequest) -> None:
     validate_device(request.device)
 
 
+def single_input(module: LoraModule, up: torch.Tensor, down: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A resize job's one input: up (out, r) and down (r, in·kh·kw)."""
+    return [up.reshape(up.shape[0], module.rank)], [down.reshape(module.rank, -1)]
+
+
+def formed_input(module: LoraModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """single_input of an adapter's pair, formed now (the engine calls this a batch at a time)."""
+    return single_input(module, *module.factors())
+
+
 def plan_modules(lora: LoraFile, request: ResizeRequest) -> list[PlannedModule]:
     """One single-input job per module at its cap: --new_conv_rank for every 4-D module, like stock.
 
@@ -124,16 +135,16 @@ def plan_modules(lora: LoraFile, request: ResizeRequest) -> list[PlannedModule]:
     """
     planned = []
     for name, module in lora.modules.items():
-        out_features, rank = module.up.shape[0], module.rank
         # stock casts to float32 first; every engine computes in float32, the same rounding
-        down = module.down.reshape(rank, -1)
+        ups, downs = single_input(module, module.up, module.down)  # shapes only, where formed later
         cap = request.conv_rank if module.is_conv else request.new_rank
         job = ModuleJob(
             name=name,
-            ups=[module.up.reshape(out_features, rank)],
-            downs=[down],
+            ups=ups,
+            downs=downs,
             scales=[1.0],  # stock decomposes up @ down and keeps the scale in alpha
-            rank=min(cap, out_features, down.shape[1]),
+            rank=min(cap, ups[0].shape[0], downs[0].shape[1]),
+            load=None if module.expand is None else functools.partial(formed_input, module),
         )
         planned.append(PlannedModule(job=job, weight_shape=module.weight_shape))
     return planned

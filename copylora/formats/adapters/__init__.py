@@ -17,7 +17,8 @@ from copylora.errors import CopyloraError
 
 @dataclass(frozen=True)
 class FactorPair:
-    """One adapter module as up · down · scale, float32."""
+    """One adapter module as up · down · scale, float32 (shape-only where the stored tensors were on
+    the meta device: the reader checks a module and learns its shapes that way before forming it)."""
 
     up: torch.Tensor  # (out, R)
     down: torch.Tensor  # (R, in·kh·kw)
@@ -38,8 +39,8 @@ def full_split(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A full (m × n) matrix as the cheaper of I·W and W·I: min(m, n) columns."""
     rows, cols = weight.shape
     if rows <= cols:
-        return torch.eye(rows, dtype=weight.dtype), weight
-    return weight, torch.eye(cols, dtype=weight.dtype)
+        return torch.eye(rows, dtype=weight.dtype, device=weight.device), weight
+    return weight, torch.eye(cols, dtype=weight.dtype, device=weight.device)
 
 
 def tucker_factors(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ in the refusal.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
@@ -44,13 +45,27 @@ def _kind_of(key: str) -> str | None:
     return next((kind for kind, (keys, _) in KINDS.items() if last in keys), None)
 
 
+@dataclass(frozen=True)
+class AdapterModule:
+    """One LoHa/LoKr module of a file: its kind, its keys (last key part -> key) and its alpha."""
+
+    kind: str
+    keys: dict[str, str]
+    alpha: float | None
+
+    def factors(self, tensors: Mapping[str, torch.Tensor]) -> FactorPair:
+        """The module as up · down · scale, from the file's tensors (meta ones give shapes only)."""
+        _, reader = KINDS[self.kind]
+        return reader({last: tensors[key] for last, key in self.keys.items() if last != "alpha"}, self.alpha)
+
+
 def adapter_modules(
     tensors: Mapping[str, torch.Tensor], alpha_of: Callable[[str], float | None]
-) -> tuple[dict[str, tuple[str, FactorPair]], set[str]]:
-    """{module name: (kind, factors)} for every LoHa/LoKr module, and the keys they use.
+) -> tuple[dict[str, tuple[AdapterModule, FactorPair]], set[str]]:
+    """{module name: (module, factors)} for every LoHa/LoKr module, and the keys they use.
 
     alpha_of(name): the module's alpha, validated by the caller. AdapterProblem messages start
-    with the module name.
+    with the module name. Given meta tensors, every check runs and the factors are shapes only.
     """
     kinds: dict[str, str] = {}
     by_name: dict[str, dict[str, str]] = {}  # module name -> {last key part: key}
@@ -60,18 +75,18 @@ def adapter_modules(
         kind = _kind_of(key)
         if kind is not None and kinds.setdefault(name, kind) != kind:
             raise AdapterProblem(f"module {name}: mixes {kinds[name]} and {kind} keys ({key})")
-    modules: dict[str, tuple[str, FactorPair]] = {}
+    modules: dict[str, tuple[AdapterModule, FactorPair]] = {}
     used: set[str] = set()
     for name, kind in kinds.items():
-        keys, reader = KINDS[kind]
+        keys, _ = KINDS[kind]
         own = by_name[name]
         unknown = sorted(own[last] for last in own if last not in keys and last != "alpha")
         if unknown:
             raise AdapterProblem(f"module {name}: {kind} with keys copylora does not know: {', '.join(unknown)}")
+        module = AdapterModule(kind, own, alpha_of(name))
         try:
-            factors = reader({last: tensors[key] for last, key in own.items() if last != "alpha"}, alpha_of(name))
+            modules[name] = (module, module.factors(tensors))
         except AdapterProblem as problem:
             raise AdapterProblem(f"module {name}: {problem}") from None
-        modules[name] = (kind, factors)
         used.update(own.values())
     return modules, used
