@@ -226,7 +226,7 @@ def route_rows(device: str, quick: bool) -> list[dict]:
                     method(p, q)  # warm-up: handles, workspaces
                 best, error = math.inf, 0.0
                 for _ in range(1 if quick or total_rank > 256 else 2):
-                    results, elapsed = synced(lambda: [method(p, q) for p, q in batches])
+                    results, elapsed = synced(lambda run=method, inputs=batches: [run(p, q) for p, q in inputs])
                     best = min(best, elapsed)
                 for result, (s_ref, bound) in zip(results, truth):
                     s = result[1][:2].double()
@@ -245,7 +245,7 @@ def route_rows(device: str, quick: bool) -> list[dict]:
                           + f"; worst S error {max(worst.values()):.2f} of the bound"
                           + (f"; FAILED: {', '.join(bad)}" if bad else ""),
             })
-            del batches
+            del batches, results
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows

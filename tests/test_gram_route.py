@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from copylora.engine import merge_jobs, ops, reference
+from copylora.engine import merge_jobs, reference
 from copylora.engine.jobs import MergedModule, ModuleJob, SvdOptions
-from tests.backend_compare import EXT, assert_backend_matches, requires_ext
+from tests.backend_compare import assert_backend_matches, requires_ext
 
 
 DENSE, GRAM, CHOLESKY_QR, HOUSEHOLDER = 0, 1, 2, 3  # the op's route codes (csrc/copylora.cpp)
