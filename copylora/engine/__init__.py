@@ -4,10 +4,14 @@ Backends:
 - "ext": copylora._C (C++ on ATen, parallel across modules; CUDA kernels when built with CUDA),
   called once per group of same-shaped modules.
 - "torch": the pure-torch steps of copylora.engine.reference, batched per group of same-shaped
-  modules (Cholesky-QR twice, torch's batched SVD); reference.merge_module, one at a time with
-  Householder QR, is what it is tested against.
+  modules (Cholesky-QR twice below R = 64, the Gram route from it, torch's batched SVD);
+  reference.merge_module, one at a time with Householder QR, is what it is tested against.
 "auto" picks "ext" when the extension loads (with CUDA kernels, for a CUDA device), else "torch"
-with a warning that says why. The CUDA kernel passed bench/gpu_check.py on an H200 (bench/README.md).
+with a warning that says why. The CUDA kernel passed bench/gpu_check.py on an H200 and was as fast
+as the torch backend or faster at every R measured there (bench/README.md), so auto keeps it on CUDA.
+
+Jobs whose factors are formed on demand (LoHa, LoKr: ModuleJob.load) are formed a batch at a time
+(formed_batches), so a file's adapter pairs are never all in memory.
 
 Imports nothing of copylora's but copylora.errors and the build record (runtime.extension_build):
 it knows factors and ranks, not files or kohya.

@@ -13,14 +13,14 @@ down (B, K, in) in out_dtype (float32 when None: the result is computed in float
 once), and S (B, m) in float32, with K = max(ranks), m = min(R, out, in); columns past
 ranks[b] are zero. The maths and conventions are those of copylora.engine.reference.
 
-The CPU kernels also register, for tests and benchmarks (the engine does not call it):
+The CPU and CUDA kernels also register, for tests and benchmarks (the engine does not call it):
 
     copylora::factored_svd(Tensor p, Tensor q, int kept, str method='auto') -> (Tensor, Tensor, Tensor, Tensor)
 
 one batch's W = P·Q (p (B, out, R), q (B, R, in), float32) decomposed as merge_group decomposes it:
 U (B, out, k), S (B, m), Vh (B, k, in) with k = min(kept, m), and each module's route (0 dense,
 1 Gram, 2 Cholesky-QR twice, 3 Householder); method 'gram' or 'qr' forces the Gram or the
-Cholesky-QR route where 'auto' picks by R.
+Cholesky-QR route where 'auto' picks by R, and 'householder' the CUDA kernel's QR before issue 22.
 """
 
 from __future__ import annotations
