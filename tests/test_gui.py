@@ -335,6 +335,28 @@ def test_copy_machine_through_the_api(served, monkeypatch):
     assert not (output_dir / "failing.safetensors").exists()
 
 
+def test_copy_machines_work_folder_and_bake_options_through_the_api(served):
+    """work_dir (a bare name: in the output folder), bake_precision and delete_merged_base reach
+    copy-machine as --work-dir, --bake-precision and --delete-merged-base (method merged-base)."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    url, output_dir, root, kohya = served
+    before, after = root / "before_bake.png", root / "after_bake.png"
+    Image.new("RGB", (24, 36), (30, 200, 30)).save(before)
+    Image.new("RGB", (24, 36), (120, 120, 120)).save(after)
+    status, *_ = Client(url, verbose=False).predict(
+        base=str(kohya.base), before=handle_file(str(before)), after=handle_file(str(after)), method="merged-base",
+        output="baked_edit.safetensors", work_dir="my work", bake_precision="bf16", delete_merged_base=True,
+        api_name="/copy_machine",
+    )
+    work = output_dir / "my work"
+    assert "finished" in status and (work / "A.safetensors").is_file() and (work / "B.safetensors").is_file()
+    bakes = [record for record in read_log(kohya.log) if "sd_model" in record]
+    assert bakes and bakes[-1]["save_precision"] == "bf16" and Path(bakes[-1]["save_to"]).parent == work
+    assert not Path(bakes[-1]["save_to"]).exists()  # deleted once B was trained
+
+
 def test_a_run_ends_with_the_gui(tmp_path, monkeypatch):
     """The run's own process group misses the terminal's Ctrl-C: when the GUI's process exits, it ends it."""
     from tests.test_gui_browser import Kohya, alive

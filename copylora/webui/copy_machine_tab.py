@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from copylora import copy_machine
 from copylora.errors import CopyloraError
+from copylora.kohya import bake as kohya_bake
 from copylora.kohya.options import PRESETS_DIR
 from copylora.webui.cli_calls import in_output_folder, optional, parse, shows_errors
 from copylora.webui.copy_machine_run import CopyMachineProcess, Progress
@@ -63,12 +64,14 @@ class CopyMachineTab:
 
     def argv(self, base: str, before: str | None, after: str | None, method: str, sdxl: bool, preset: str,
              sets: list[str], new_rank: int, clamp_quantile: float | None, dynamic_method: str,
-             dynamic_param: float | None, output: str, preview: bool, preview_args: str) -> list[str]:
+             dynamic_param: float | None, output: str, preview: bool, preview_args: str, work_dir: str,
+             bake_precision: str, delete_merged_base: bool) -> list[str]:
         settings = self.page.settings
         if not settings.sd_scripts:
             raise CopyloraError(self.page.texts("needs_sd_scripts"))
         out = in_output_folder(output, self.page.output_dir) if output else None
         clamp = 1.0 if clamp_quantile is None else clamp_quantile  # an emptied field: the exact difference
+        work = in_output_folder(work_dir.strip(), self.page.output_dir) if work_dir and work_dir.strip() else None
         return [
             "--sd-scripts", settings.sd_scripts, *optional("--python", settings.python),
             *(["--base", base] if base else []), *(["--before", before] if before else []),
@@ -78,6 +81,8 @@ class CopyMachineTab:
             *optional("--dynamic_method", dynamic_method), *optional("--dynamic_param", dynamic_param),
             *(["--preview"] if preview else []),
             *(["--preview-args", preview_args] if preview and preview_args else []),
+            *(["--work-dir", str(work)] if work else []),
+            *optional("--bake-precision", bake_precision), *(["--delete-merged-base"] if delete_merged_base else []),
         ]
 
     def results(self, args: argparse.Namespace, progress: Progress) -> tuple[str | None, str, str, str | None]:
@@ -109,7 +114,8 @@ class CopyMachineTab:
     def run(self, base: str, before: str | None, after: str | None, method: str, sdxl: bool, preset: str,
             max_train_epochs: int, max_train_steps: int, network_dim: int, learning_rate: float, resolution: str,
             new_rank: int, clamp_quantile: float | None, dynamic_method: str, dynamic_param: float | None,
-            output: str, preview: bool, preview_args: str) -> Iterator[Results]:
+            output: str, preview: bool, preview_args: str, work_dir: str, bake_precision: str,
+            delete_merged_base: bool) -> Iterator[Results]:
         """`copylora copy-machine` with these flags (and kohya's keys as --set), streamed; its parameter names
         are the page's API."""
         t = self.page.texts
@@ -117,7 +123,7 @@ class CopyMachineTab:
             raise CopyloraError(t("already_running"))
         sets = kohya_sets(max_train_epochs, max_train_steps, network_dim, learning_rate, resolution)
         argv = self.argv(base, before, after, method, sdxl, preset, sets, new_rank, clamp_quantile, dynamic_method,
-                         dynamic_param, output, preview, preview_args)
+                         dynamic_param, output, preview, preview_args, work_dir, bake_precision, delete_merged_base)
         args = parse(copy_machine.build_parser(), argv)  # the command's own checks of its flags, before it starts
         process = self.running = CopyMachineProcess(argv)
         progress = Progress()
@@ -219,6 +225,10 @@ def build(page: Page) -> None:
         preview_args = gr.Textbox(label=t("preview_args"), value="", placeholder="--steps 20 --seeds 1 2 3",
                                   elem_id="cm-preview-args")
     with gr.Row():
+        work_dir = gr.Textbox(label=t("work_dir"), value="", info=t("work_dir_info"), elem_id="cm-work-dir")
+        bake_precision = gr.Dropdown(label=t("bake_precision"), choices=list(kohya_bake.PRECISIONS), value="fp16")
+        delete_merged_base = gr.Checkbox(label=t("delete_merged_base"), value=False)
+    with gr.Row():
         run_button = gr.Button(t("run"), variant="primary", elem_id="cm-run")
         stop_button = gr.Button(t("stop"), variant="stop", elem_id="cm-stop")
     status = gr.Markdown(elem_id="cm-status")
@@ -231,7 +241,8 @@ def build(page: Page) -> None:
     run_button.click(
         run,
         [base, before, after, method, sdxl, preset, max_train_epochs, max_train_steps, network_dim, learning_rate,
-         resolution, new_rank, clamp_quantile, dynamic_method, dynamic_param, output, preview, preview_args],
+         resolution, new_rank, clamp_quantile, dynamic_method, dynamic_param, output, preview, preview_args,
+         work_dir, bake_precision, delete_merged_base],
         [status, log, picture, fidelity, report, download],
         api_name="copy_machine",
     )

@@ -131,6 +131,17 @@ TEXTS: dict[str, tuple[str, str]] = {
     "output": ("Output file (output)", "出力ファイル (output)"),
     "with_preview": ("Preview grid at the end (preview)", "最後にプレビューグリッドを作成 (preview)"),
     "preview_args": ("Preview options (preview_args)", "プレビューのオプション (preview_args)"),
+    "work_dir": ("Work folder (work_dir)", "作業フォルダ (work_dir)"),
+    "work_dir_info": (
+        "LoRA A and B, their configs and datasets; a bare name goes into the output folder; empty: OUTPUT_work "
+        "beside the output",
+        "LoRA A・B、設定、データセットの置き場所。名前だけなら出力フォルダ内、空欄なら出力の隣（出力名_work）",
+    ),
+    "bake_precision": ("Merged checkpoint precision (bake_precision)", "統合チェックポイントの精度 (bake_precision)"),
+    "delete_merged_base": (
+        "Delete the merged checkpoint once B is trained (delete_merged_base)",
+        "B の学習後に統合チェックポイントを削除 (delete_merged_base)",
+    ),
     "run": ("Run", "実行"),
     "stop": ("Stop", "停止"),
     "log": ("The run's last lines (kohya's and copylora's)", "実行ログの最新行（kohya と copylora）"),
