@@ -188,6 +188,7 @@ def merge_jobs(
         for batch in formed_batches(group):
             for job, merged in zip(batch, run_group(batch, backend_options, device, backend_dtype)):
                 results[job.name] = cast(balanced(merged), out_dtype) if split_after_clamp else merged
+            del batch, job  # a batch's formed factors go before the next batch is formed
         if on_progress is not None:
             on_progress(len(results), len(jobs))
     if device.type == "cuda":
